@@ -9,16 +9,14 @@ they are parsed here, so the three entry points share one parser and one error f
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-from anomalib.pipelines.components.base import Pipeline
-from jsonargparse import ArgumentParser, Namespace
 
 from anomalib_tiled.errors import ConfigError, RunInterruptedError, TiledEnsembleError
 
@@ -48,17 +46,18 @@ def overview(prog: str = "anomalib tiled") -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "anomalib tiled") -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run a ``tiled`` subcommand.
 
     Args:
         argv: Arguments after ``tiled`` (default: ``sys.argv[1:]``).
-        prog: Program name shown in help.
+        prog: Program name shown in help (default: the running script's name).
 
     Returns:
         Exit status: 0 on success, 1 on a failed run, 2 on a usage/config error, 130 when interrupted.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or Path(sys.argv[0]).name
     if not args or args[0] in {"-h", "--help"}:
         sys.stdout.write(overview(prog))
         return 0 if args else EXIT_USAGE
@@ -151,37 +150,3 @@ def _raise_interrupt(signum: int, frame: Any) -> NoReturn:  # noqa: ANN401
 def _quiet_libraries() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-
-class _PassThroughParser(ArgumentParser):
-    """Parser of ``anomalib tiled``: keeps everything after ``tiled`` for :func:`main`.
-
-    anomalib's CLI nests pipeline parsers one level deep; the ``tiled`` subcommands are parsed by
-    :func:`main` instead, which also gives them our one-line errors.
-    """
-
-    def format_help(self) -> str:  # noqa: D102
-        return overview()
-
-
-class TiledPipeline(Pipeline):
-    """Tiled ensemble: train, evaluate and predict with one model per tile position."""
-
-    def _setup_runners(self, args: dict) -> list:
-        """None: the tiled ensemble runs its stages itself (:class:`~anomalib_tiled.engine.TiledEnsembleEngine`)."""
-        del args
-        return []
-
-    @staticmethod
-    def get_parser(parser: ArgumentParser | None = None) -> ArgumentParser:
-        """Parser that hands ``train|eval|predict`` and their options to :func:`main`."""
-        del parser
-        pass_through = _PassThroughParser(description=TiledPipeline.__doc__)
-        pass_through.add_argument("args", nargs=argparse.REMAINDER, help="train | eval | predict, and their options")
-        return pass_through
-
-    def run(self, args: Namespace | None = None) -> None:
-        """Run the subcommand; a failure exits with :func:`main`'s status."""
-        status = main(list(args.args) if args is not None else None)
-        if status:
-            sys.exit(status)

@@ -431,7 +431,7 @@ def _translate_legacy_data_args(config: dict[str, Any], init_args: dict[str, Any
     if image_size is not None:
         tiling = config.setdefault("tiling", {})
         if isinstance(tiling, dict):
-            if tiling.get("image_size") not in (None, image_size):
+            if tiling.get("image_size") is not None and _as_pair_list(tiling["image_size"]) != _as_pair_list(image_size):
                 logger.warning(
                     "Both tiling.image_size (%s) and data.init_args.image_size (%s) are set; using tiling.image_size.",
                     tiling["image_size"],
@@ -445,6 +445,10 @@ def _translate_legacy_data_args(config: dict[str, Any], init_args: dict[str, Any
         if value is not None:
             for new in new_keys:
                 init_args.setdefault(new, value)
+
+
+def _as_pair_list(value: Any) -> Any:  # noqa: ANN401
+    return [value, value] if isinstance(value, int) else list(value) if isinstance(value, list | tuple) else value
 
 
 def _load_yaml(text: str) -> Any:  # noqa: ANN401 - any YAML value
@@ -540,11 +544,14 @@ def settings_from_namespace(cfg: Namespace) -> EnsembleSettings:
     if tiling.image_size is None:
         msg = "tiling.image_size: missing; set tiling.image_size (or data.init_args.image_size), e.g. [512, 512]"
         raise ConfigError(msg)
-    grid = TileGrid.create(
-        image_size=_pair(tiling.image_size, "tiling.image_size"),
-        tile_size=_pair(tiling.tile_size, "tiling.tile_size"),
-        stride=None if tiling.stride is None else _pair(tiling.stride, "tiling.stride"),
-    )
+    try:
+        grid = TileGrid.create(
+            image_size=_pair(tiling.image_size, "tiling.image_size"),
+            tile_size=_pair(tiling.tile_size, "tiling.tile_size"),
+            stride=None if tiling.stride is None else _pair(tiling.stride, "tiling.stride"),
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     thresholding = ThresholdingConfig(**_plain(cfg.thresholding))
     if cfg.get("thresholding_stage") is not None:
         thresholding.stage = cfg.thresholding_stage
@@ -591,7 +598,7 @@ def spec_from_namespace(value: Namespace | dict | None) -> dict[str, Any] | None
 
 
 def condense_parser_error(message: str, parser: ArgumentParser | None = None) -> str:
-    """Turn a (multi-line) jsonargparse error into one line, with a suggestion for unknown keys.
+    """Turn a (multi-line) jsonargparse error into one line, with a suggestion for unknown names.
 
     Args:
         message: The parser's error message.
@@ -600,45 +607,51 @@ def condense_parser_error(message: str, parser: ArgumentParser | None = None) ->
     Returns:
         A single line.
     """
-    known = _known_keys(parser) if parser is not None else []
+    key = _failing_key(message)
+    owner = key or "config"
     yaml_error = re.search(r"line (\d+), column (\d+)", message)
     if "Problems parsing config" in message or (yaml_error and "expected" in message):
         reason = message.strip().splitlines()[-1].strip()
         where = f" at line {yaml_error.group(1)}, column {yaml_error.group(2)}" if yaml_error else ""
         return f"config file: YAML syntax error{where}: {reason}; fix the YAML"
+    class_problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*-|\Z)", message, re.S)
+    if class_problem:
+        class_path, detail = class_problem.group(1), re.sub(r"\s+", " ", class_problem.group(2)).strip()
+        option = re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)", detail)
+        if option:
+            name = option.group(1).removeprefix("init_args.")
+            accepted = _init_parameters(class_path)
+            return (
+                f"{owner}.init_args.{name}: {class_path.rpartition('.')[2]} has no argument "
+                f"'{name}'{did_you_mean(name, accepted)}"
+            )
+        return f"{owner}: {class_path}: {detail}"
+    import_path = re.search(
+        r"(?:Expected a dot import path string: |Import path )(\S+?)(?: does not correspond|\s*$)",
+        message,
+        re.M,
+    )
+    if import_path:
+        name = import_path.group(1).strip("'\"")
+        subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+        bases = re.findall(r"<class '([^']+)'>", subtypes.group(1)) if subtypes else []
+        candidates = [name for base in bases if base != "NoneType" for name in _subclass_names(base)]
+        return f"{owner}: unknown class '{name}'{did_you_mean(name.rpartition('.')[2], candidates)}"
     for pattern in (
         r"Unrecognized arguments: --?(\S+)",
         r"does not accept (?:nested key|option) '([^']+)'",
-        r"Key '([^']+)' is not expected",
+        r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)",
         r"No action for key \"?'?([^\"'\s]+)",
     ):
         match = re.search(pattern, message)
         if match:
-            key = match.group(1).lstrip("-").split("=")[0]
-            return f"{key}: unknown config key{did_you_mean(key, known)}"
-    match = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n|$)", message, re.S)
-    if match:
-        detail = re.sub(r"\s+", " ", match.group(2)).strip()
-        owner = _failing_key(message) or "class_path"
-        option = re.search(r"(?:Option|Key) '([^']+)' is not accepted", detail)
-        if option:
-            accepted = _init_parameters(match.group(1))
-            return (
-                f"{owner}.init_args.{option.group(1)}: {match.group(1).rpartition('.')[2]} has no argument "
-                f"'{option.group(1)}'{did_you_mean(option.group(1), accepted)}"
-            )
-        return f"{owner}: {match.group(1)}: {detail}"
-    match = re.search(r"Import path (\S+) does not correspond to a subclass of (\S+)", message)
-    if match:
-        owner = _failing_key(message) or "class_path"
-        name = match.group(1).strip("'\"")
-        candidates = _subclass_names(match.group(2))
-        return f"{owner}: unknown class '{name}'{did_you_mean(name.rpartition('.')[2], candidates)}"
-    key = _failing_key(message)
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    detail = next((line for line in lines if "Expected" in line or "expected" in line), lines[-1] if lines else "")
-    prefix = f"{key}: " if key else ""
-    return f"{prefix}{detail}" if key else " ".join(lines[:2])
+            unknown = match.group(1).lstrip("-").split("=")[0]
+            known = _known_keys(parser) if parser is not None else []
+            return f"{unknown}: unknown config key{did_you_mean(unknown, known)}"
+    lines = [line.strip(" -") for line in message.strip().splitlines() if line.strip()]
+    specific = [line for line in lines if line.startswith("Expected") and "NoneType" not in line]
+    detail = specific[0] if specific else lines[-1] if lines else message
+    return f"{key}: {detail}" if key else detail
 
 
 def _failing_key(message: str) -> str | None:
@@ -663,7 +676,6 @@ def _init_parameters(class_path: str) -> list[str]:
 
 
 def _subclass_names(base_path: str) -> list[str]:
-    base_path = base_path.strip("'\"<>").replace("class ", "").strip("'")
     module, _, name = base_path.rpartition(".")
     try:
         base = getattr(importlib.import_module(module), name)
@@ -711,6 +723,7 @@ def build_parser(command: str) -> ArgumentParser:
         parser_mode=PARSER_MODE,
         exit_on_error=False,
         default_config_files=[],
+        allow_abbrev=False,
     )
     if command == "predict":
         parser.add_argument("--root", type=Path, required=True, help="Run directory printed by 'anomalib tiled train'.")

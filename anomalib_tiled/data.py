@@ -14,7 +14,9 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,18 +226,15 @@ def collect_images(pattern: str | Path) -> list[str]:
     return images
 
 
-class _DecodedImages(Dataset):
-    """Decode, check and resize the images of a source (inside DataLoader workers)."""
+class _Decoder:
+    """Decode, check and resize one image of a source; runs in decoder threads."""
 
     def __init__(self, source: DatasetSource | FileSource, image_size: Size) -> None:
         self.source = source
         self.image_size = image_size
 
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        # Errors travel back as text: a worker exception would reach the user wrapped in a traceback.
+    def __call__(self, index: int) -> dict[str, Any]:
+        # Errors come back as text so that the first bad file is reported as one line, in order.
         try:
             item = self.source.load(index)
         except Exception as error:  # noqa: BLE001 - any decoder error becomes one clear line
@@ -264,10 +263,6 @@ class _DecodedImages(Dataset):
         return result
 
 
-def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    return batch[0]
-
-
 def cache_split(
     source: DatasetSource | FileSource,
     image_size: Size,
@@ -275,6 +270,8 @@ def cache_split(
     cache_file: Path | None,
     num_workers: int,
     progress: Callable[[int], None] | None = None,
+    *,
+    with_masks: bool = True,
 ) -> SplitRecord:
     """Decode one split once: write its record (and, if asked, its image cache).
 
@@ -283,8 +280,10 @@ def cache_split(
         image_size: Tiled image size ``(H, W)``.
         directory: ``splits/<split>`` folder for paths, labels and masks.
         cache_file: Where to write the ``(N, H, W, 3)`` uint8 image cache, or None to skip images.
-        num_workers: DataLoader workers decoding in parallel.
+        num_workers: Threads decoding in parallel (threads, not processes: PIL and torch release the
+            GIL, and forked workers would duplicate the parent's memory).
         progress: Called after each image with the number of images done.
+        with_masks: Keep pixel ground truth (not needed for training images).
 
     Returns:
         The split record.
@@ -296,32 +295,50 @@ def cache_split(
     height, width = image_size
     count = len(source)
     images = NpyFile.create(_partial(cache_file), (count, height, width, 3), np.uint8) if cache_file else None
+    has_masks = with_masks and source.has_masks
     masks = None
-    if source.has_masks:
+    if has_masks:
         masks = NpyFile.create(_partial(directory / "masks.npy"), (count, height, width), np.uint8)
     labels = [UNKNOWN_LABEL] * count
     upsampled = 0
-    loader = DataLoader(_DecodedImages(source, image_size), batch_size=1, num_workers=num_workers, collate_fn=_single)
-    for done, item in enumerate(loader, start=1):
-        if "error" in item:
-            raise DataError(f"{item['error']}; fix or remove the file")
-        index = item["index"]
-        labels[index] = item["label"]
-        upsampled += item["source_size"][0] < height or item["source_size"][1] < width
-        if images is not None:
-            images.write(index, item["image"][None])
-        if masks is not None and "mask" in item:
-            masks.write(index, item["mask"][None])
-        if progress is not None:
-            progress(done)
+    workers = max(1, num_workers)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiled-decoder") as pool:
+        decoded = _ordered_map(pool, _Decoder(source, image_size), range(count), window=2 * workers)
+        for done, item in enumerate(decoded, start=1):
+            _store_decoded(item, labels, images, masks)
+            upsampled += item["source_size"][0] < height or item["source_size"][1] < width
+            if progress is not None:
+                progress(done)
     if upsampled:
         logger.warning("%d image(s) are smaller than the tiled image size %s and were upsampled.", upsampled, image_size)
     for partial_file, final in ((images, cache_file), (masks, directory / "masks.npy")):
         if partial_file is not None and final is not None:
             os.replace(partial_file.path, final)
-    record = SplitRecord(directory, source.image_paths, source.mask_paths, labels, source.has_masks)
+    record = SplitRecord(directory, source.image_paths, source.mask_paths, labels, has_masks)
     record.save()
     return record
+
+
+def _ordered_map(pool: ThreadPoolExecutor, function: Callable, items: Iterable, window: int) -> Iterator:
+    """``pool.map`` with at most ``window`` results in flight, so memory does not grow with the split."""
+    pending: deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(function, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _store_decoded(item: dict[str, Any], labels: list[int], images: NpyFile | None, masks: NpyFile | None) -> None:
+    if "error" in item:
+        raise DataError(f"{item['error']}; fix or remove the file")
+    index = item["index"]
+    labels[index] = item["label"]
+    if images is not None:
+        images.write(index, item["image"][None])
+    if masks is not None and "mask" in item:
+        masks.write(index, item["mask"][None])
 
 
 def _partial(path: Path) -> Path:

@@ -78,7 +78,7 @@ from anomalib_tiled.training import (
     seed_tile,
     trainer_arguments,
 )
-from anomalib_tiled.visualization import ResultVisualizer, output_name
+from anomalib_tiled.visualization import ResultPicture, ResultVisualizer, output_name
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +375,7 @@ class TiledEnsembleEngine:
                     self.run.split_dir(name),
                     cache_file,
                     workers,
+                    with_masks=name != "train",
                     progress=lambda done, task=task: progress.update(task, completed=done),
                 )
             caches[name] = NpyFile(cache_file)
@@ -404,6 +405,8 @@ class TiledEnsembleEngine:
                     logger.info("%s: checkpoint and predictions verified, skipping.", position.name)
                 else:
                     self._train_tile(position, records, caches, stores, monitored, train_batch, eval_batch, augmentations)
+                    # The tile's model and trainer are unreachable now; return their memory before the next tile.
+                    release()
                 progress.advance(task)
 
     def _tile_is_done(self, position: TilePosition, records: dict[str, SplitRecord], stores: dict[str, PredictionStore]) -> bool:
@@ -447,26 +450,23 @@ class TiledEnsembleEngine:
             needs_test = True
         if needs_test:
             writers["test"] = TilePredictionWriter(stores["test"], position, len(records["test"]), records["test"].fingerprint, "predict")
-        checkpoint = self.run.checkpoint_path(position.name)
+        checkpoint = TileCheckpoint(self.run.checkpoint_path(position.name))
         engine = fit_tile(
             model,
             self.run.root / "tiles" / position.name,
             loaders["train"],
             loaders.get("val"),
-            [*fresh_callbacks(self.settings.trainer), TileCheckpoint(checkpoint), *writers.values()],
+            [*fresh_callbacks(self.settings.trainer), checkpoint, *writers.values()],
             trainer_arguments(self.settings.trainer, self.settings.accelerator),
         )
+        checkpoint.save_final(engine.trainer)
         val_writer = writers.get("val")
         if val_writer is not None and val_writer.last_written_step != engine.trainer.global_step:
             # The last validation ran before the final weights (val_check_interval / check_val_every_n_epoch).
             engine.validate(model=model, dataloaders=loaders["val"], verbose=False)
         if "test" in writers:
             predict_tile(engine, model, loaders["test"])
-        if not checkpoint.is_file():
-            msg = f"{position.name}: training ended without a checkpoint (was it stopped early by a callback?)"
-            raise RuntimeError(msg)
-        self.run.record_tile(position.name, {"checkpoint": file_digest(checkpoint)})
-        release(model, engine, loaders)
+        self.run.record_tile(position.name, {"checkpoint": file_digest(checkpoint.path)})
 
     def _store(self, record: SplitRecord) -> PredictionStore:
         assert self.run is not None
@@ -656,7 +656,8 @@ class TiledEnsembleEngine:
                     )
                     loader = tile_loader(TileDataset(images, record, position), 32, shuffle=False, seed=self.settings.seed)
                     predict_tile(engine, model, loader)
-                    release(model, engine, loader)
+                    del model, engine, loader
+                    release()
                     progress.advance(task)
         finally:
             shutil.rmtree(run.root / "cache", ignore_errors=True)
@@ -686,13 +687,13 @@ class TiledEnsembleEngine:
     ) -> list[Prediction]:
         """Stream merged predictions into metrics, ``predictions.csv``, pictures and (predict) maps."""
         visualization = self.settings.visualization
-        visualizer = ResultVisualizer(self.grid, visualization.max_side, visualization.grid, pixel_range)
         rows = io.StringIO()
         table = csv.writer(rows)
         table.writerow(["image_path", "pred_score", "pred_label", "gt_label", "result_image", "anomaly_map"])
         predictions: list[Prediction] = []
         index = 0
-        with self._progress() as progress:
+        visualizer = ResultVisualizer(self.grid, visualization.max_side, visualization.grid, pixel_range)
+        with self._progress() as progress, visualizer:
             task = progress.add_task("Merging and evaluating", total=len(record))
             for batch in self._merged(record, tile_calibrations, image_calibration):
                 if suite is not None:
@@ -701,19 +702,18 @@ class TiledEnsembleEngine:
                     name = output_name(path, index)
                     label = None if batch.pred_label is None else bool(batch.pred_label[offset])
                     score = float(batch.pred_score[offset])
-                    picture = None
-                    if visualization.save:
-                        picture = output / "images" / f"{name}.png"
+                    picture = output / "images" / f"{name}.png" if visualization.save else None
+                    if picture is not None:
                         caption = f"score {score:.3f}" + ("" if label is None else f"  {'ANOMALOUS' if label else 'normal'}")
-                        visualizer.save(
-                            visualizer.draw(
+                        visualizer.submit(
+                            ResultPicture(
                                 path,
                                 batch.anomaly_map[offset],
                                 None if batch.pred_mask is None else batch.pred_mask[offset],
                                 None if batch.gt_mask is None else batch.gt_mask[offset],
                                 caption,
+                                picture,
                             ),
-                            picture,
                         )
                     map_file = None
                     if maps_dir is not None:
@@ -721,12 +721,11 @@ class TiledEnsembleEngine:
                         with atomic_path(map_file) as temporary, temporary.open("wb") as handle:
                             np.save(handle, batch.anomaly_map[offset].numpy())
                         predictions.append(Prediction(path, score, label, map_file, picture))
-                    gt = "" if batch.gt_label is None else int(batch.gt_label[offset])
                     table.writerow([
                         path,
                         f"{score:.6f}",
                         "" if label is None else int(label),
-                        gt,
+                        "" if batch.gt_label is None else int(batch.gt_label[offset]),
                         "" if picture is None else picture.relative_to(output),
                         "" if map_file is None else map_file.relative_to(output),
                     ])
@@ -802,6 +801,9 @@ class TiledEnsembleEngine:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
         root = logging.getLogger()
+        package = logging.getLogger("anomalib_tiled")
+        level = package.level
+        package.setLevel(logging.INFO)
         root.addHandler(handler)
         try:
             yield
@@ -810,6 +812,7 @@ class TiledEnsembleEngine:
             raise
         finally:
             root.removeHandler(handler)
+            package.setLevel(level)
             handler.close()
 
 

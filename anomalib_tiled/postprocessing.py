@@ -13,6 +13,7 @@ normalisation, normalised [0, 1] values after tile-stage normalisation.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -141,7 +142,13 @@ class CalibrationEstimator:
                     setattr(calibration, f"{level}_min", float(low))
                     setattr(calibration, f"{level}_max", float(high))
         for level, metric in zip(("image", "pixel"), self.thresholds, strict=False):
-            if not isinstance(metric, AnomalibMetric) or getattr(metric, "_update_count", 0):
+            if isinstance(metric, AnomalibMetric):
+                if getattr(metric, "_update_count", 0):
+                    setattr(calibration, f"{level}_threshold", float(metric.compute()))
+                continue
+            with warnings.catch_warnings():
+                # A fixed threshold is never updated; torchmetrics warns about computing it anyway.
+                warnings.simplefilter("ignore", UserWarning)
                 setattr(calibration, f"{level}_threshold", float(metric.compute()))
         return calibration
 

@@ -54,8 +54,9 @@ def make_dataset(
     n_test_good: int = 6,
     n_test_defect: int = 6,
     seed: int = 0,
+    category: str = CATEGORY,
 ) -> Path:
-    """Write the dataset to ``root/texture`` (MVTec AD layout) and return that folder.
+    """Write the dataset to ``root/<category>`` (MVTec AD layout) and return that folder.
 
     Args:
         root: Dataset root (the ``root`` of anomalib's ``MVTecAD``/``Folder``).
@@ -64,16 +65,17 @@ def make_dataset(
         n_test_good: Normal test images.
         n_test_defect: Anomalous test images per defect type.
         seed: Random seed; the same seed writes the same images.
+        category: Category folder name.
 
     Returns:
         The category folder.
     """
     rng = np.random.default_rng(seed)
-    category = Path(root) / CATEGORY
+    folder_root = Path(root) / category
     for split, kind, count in [("train", "good", n_train), ("test", "good", n_test_good)] + [
         ("test", defect, n_test_defect) for defect in DEFECTS
     ]:
-        folder = category / split / kind
+        folder = folder_root / split / kind
         folder.mkdir(parents=True, exist_ok=True)
         for index in range(count):
             image = _texture(size, rng)
@@ -82,11 +84,11 @@ def make_dataset(
                 weight = np.asarray(mask, dtype=np.float32)[..., None] / 255
                 color = rng.choice([0.15, 0.95])
                 image = image * (1 - weight) + color * weight
-                mask_folder = category / "ground_truth" / kind
+                mask_folder = folder_root / "ground_truth" / kind
                 mask_folder.mkdir(parents=True, exist_ok=True)
                 mask.save(mask_folder / f"{index:03d}_mask.png")
             Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{index:03d}.png")
-    return category
+    return folder_root
 
 
 def main() -> None:

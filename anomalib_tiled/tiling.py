@@ -235,7 +235,7 @@ class TileGrid:
         """Boolean ``(H, W)`` mask of the bands around every tile border inside the image.
 
         Each band is centred on a tile edge (tile starts and tile ends alike, whatever the stride) and
-        is ``width * tile`` pixels wide (at least one pixel), ``tile`` being the tile height for
+        is ``width * tile`` pixels wide (at least the two pixels touching the border), ``tile`` being the tile height for
         horizontal seams and the tile width for vertical ones.
 
         Args:
@@ -299,7 +299,8 @@ def _seam_mask(grid: TileGrid, width: float) -> torch.Tensor:
         ):
             # Interior borders only: the image edge itself is no seam.
             edges = {e for start in starts for e in (start, start + tile) if 0 < e < length}
-            band_width = max(1, round(width * tile))
+            # At least the two pixels touching the border, one on each side.
+            band_width = max(2, round(width * tile))
             bands.append(_band(length, edges, band_width // 2, band_width - band_width // 2))
         rows, cols = bands
         _SEAM_CACHE[key] = rows[:, None] | cols[None, :]

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from anomalib.callbacks.checkpoint import ModelCheckpoint
 from anomalib.engine import Engine
 from anomalib.metrics import Evaluator
 from anomalib.models import AnomalibModule
-from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from anomalib_tiled.config import MODEL_MODULE, check_init_args, class_spec, import_class
@@ -175,9 +175,10 @@ def monitored_metrics(callbacks: list[Callback]) -> list[str]:
 
 
 class TileCheckpoint(ModelCheckpoint):
-    """Saves a tile model's final weights once, atomically, when fitting ends.
+    """Checkpointing of a tile model: nothing during fitting, the final weights once at the end.
 
-    Being a ``ModelCheckpoint``, it also stops anomalib's Engine from adding its own per-epoch one.
+    Being anomalib's ``ModelCheckpoint``, it also keeps anomalib's Engine from adding its own
+    per-epoch checkpoint (hundreds of MB per tile for memory-bank models).
 
     Args:
         path: Final checkpoint path.
@@ -187,8 +188,8 @@ class TileCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=path.parent, filename=path.stem, save_top_k=0, save_last=False)
         self.path = path
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
-        del pl_module
+    def save_final(self, trainer: Trainer) -> None:
+        """Write the trained weights atomically (also for zero-shot models, which never train)."""
         with atomic_path(self.path) as temporary:
             trainer.save_checkpoint(temporary)
 
@@ -283,9 +284,8 @@ def seed_tile(seed: int) -> None:
     seed_everything(seed, workers=True, verbose=False)
 
 
-def release(*objects: Any) -> None:  # noqa: ANN401
-    """Drop references to a finished tile's model and trainer and return their memory."""
-    del objects
+def release() -> None:
+    """Return the memory of a finished tile's model and trainer (Lightning objects hold reference cycles)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
