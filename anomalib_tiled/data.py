@@ -11,6 +11,7 @@ process's resident memory). Paths, labels and masks of each split are kept in th
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -102,6 +103,11 @@ class NpyFile:
         return np.frombuffer(raw, dtype=self.dtype)
 
 
+def split_fingerprint(image_paths: list[str], labels: list[int]) -> str:
+    """Identity of a split's contents (image paths and labels), known before decoding anything."""
+    return hashlib.sha256(json.dumps([list(image_paths), list(labels)]).encode()).hexdigest()[:16]
+
+
 @dataclass
 class SplitRecord:
     """Images of one split at the tiled image size: paths, labels and (optionally) masks.
@@ -130,10 +136,8 @@ class SplitRecord:
 
     @property
     def fingerprint(self) -> str:
-        """Identity of the split's contents (paths and labels), to tell whether stored predictions match."""
-        import hashlib  # noqa: PLC0415
-
-        return hashlib.sha256(json.dumps([self.image_paths, self.labels]).encode()).hexdigest()[:16]
+        """Identity of the split's contents, to tell whether stored predictions match."""
+        return split_fingerprint(self.image_paths, self.labels)
 
     @classmethod
     def load(cls, directory: Path) -> SplitRecord:
@@ -189,6 +193,7 @@ class FileSource:
     def __init__(self, image_paths: list[str]) -> None:
         self.image_paths = image_paths
         self.mask_paths = [""] * len(image_paths)
+        self.labels = [UNKNOWN_LABEL] * len(image_paths)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -210,7 +215,7 @@ def collect_images(pattern: str | Path) -> list[str]:
     """
     import glob  # noqa: PLC0415
 
-    from anomalib.data.utils import IMG_EXTENSIONS  # noqa: PLC0415
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: PLC0415 - the extensions anomalib accepts
 
     path = Path(pattern)
     if path.is_dir():
@@ -292,6 +297,8 @@ def cache_split(
         DataError: On an unreadable image or a mask that does not match its image.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
     height, width = image_size
     count = len(source)
     images = NpyFile.create(_partial(cache_file), (count, height, width, 3), np.uint8) if cache_file else None

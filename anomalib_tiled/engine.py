@@ -54,6 +54,7 @@ from anomalib_tiled.data import (
     TileDataset,
     cache_split,
     collect_images,
+    split_fingerprint,
     datamodule_spec,
     setup_splits,
     tile_loader,
@@ -309,7 +310,8 @@ class TiledEnsembleEngine:
                 records, caches = self._cache_splits(splits, with_test=evaluate)
                 self._train_tiles(records, caches, monitored, datamodule)
                 if "val" in records:
-                    self._calibrate(records["val"])
+                    stats = self._calibrate(records["val"])
+                    atomic_write_text(self.run.stats_path, json.dumps(stats, indent=2) + "\n")
                 self._drop_caches()
                 self.run.update_manifest(
                     status=RunStatus.TRAINED,
@@ -350,7 +352,7 @@ class TiledEnsembleEngine:
         assert self.run is not None
         records: dict[str, SplitRecord] = {}
         caches: dict[str, NpyFile] = {}
-        workers = min(getattr(self.datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
+        workers = self._workers(self.datamodule)
         wanted = [name for name in ("train", "val", "test") if name in splits and (name != "test" or with_test)]
         for name in wanted:
             source = DatasetSource(splits[name])
@@ -396,7 +398,7 @@ class TiledEnsembleEngine:
         train_batch = getattr(datamodule, "train_batch_size", 32)
         eval_batch = getattr(datamodule, "eval_batch_size", 32)
         augmentations = getattr(datamodule, "train_augmentations", None)
-        stores = {name: self._store(record) for name, record in records.items()}
+        stores = {name: self._store(record.fingerprint) for name, record in records.items()}
         with self._progress() as progress:
             task = progress.add_task("Training tile models", total=len(self.grid))
             for position in self.grid:
@@ -468,23 +470,19 @@ class TiledEnsembleEngine:
             predict_tile(engine, model, loaders["test"])
         self.run.record_tile(position.name, {"checkpoint": file_digest(checkpoint.path)})
 
-    def _store(self, record: SplitRecord) -> PredictionStore:
+    def _store(self, fingerprint: str) -> PredictionStore:
+        """Tile predictions are stored by split content, so identical splits (test = val) share them."""
         assert self.run is not None
-        return PredictionStore(self.run.root / "predictions" / record.fingerprint)
+        return PredictionStore(self.run.root / "predictions" / fingerprint)
 
     # ----------------------------------------------------------------------------------------------
     # calibration
 
     def _calibrate(self, record: SplitRecord) -> dict[str, Any]:
-        """Learn (and save) normalisation/threshold statistics from validation predictions."""
-        assert self.run is not None
+        """Learn normalisation/threshold statistics of the current settings from validation predictions."""
         settings = self.settings
         key = _calibration_key(settings)
-        if self.run.stats_path.is_file():
-            stats = json.loads(self.run.stats_path.read_text(encoding="utf-8"))
-            if stats.get("key") == key and stats.get("split") == record.fingerprint:
-                return stats
-        store = self._store(record)
+        store = self._store(record.fingerprint)
         names = [p.name for p in self.grid]
         method = settings.thresholding.method
         tile_stage = settings.thresholding.stage == ThresholdStage.TILE
@@ -509,15 +507,22 @@ class TiledEnsembleEngine:
             for batch in self._merged(record, tile_calibrations, None):
                 estimator.update(batch)
             stats["image"] = estimator.compute().to_dict()
-        atomic_write_text(self.run.stats_path, json.dumps(stats, indent=2) + "\n")
         return stats
 
-    def _stats(self) -> dict[str, Any]:
-        """Statistics for the current settings: saved ones, or recomputed from validation predictions."""
+    def _stats(self, output: Path | None) -> dict[str, Any]:
+        """Statistics for the current settings: the run's own, or learned again from its validation
+        predictions when post-processing settings changed (then saved in ``output``, not in the run)."""
         assert self.run is not None
         if "val" not in self.run.manifest().get("splits", {}):
             return {"tile": None, "image": None}
-        return self._calibrate(SplitRecord.load(self.run.split_dir("val")))
+        record = SplitRecord.load(self.run.split_dir("val"))
+        stats = json.loads(self.run.stats_path.read_text(encoding="utf-8"))
+        if stats.get("key") == _calibration_key(self.settings) and stats.get("split") == record.fingerprint:
+            return stats
+        stats = self._calibrate(record)
+        if output is not None:
+            atomic_write_text(output / "stats.json", json.dumps(stats, indent=2) + "\n")
+        return stats
 
     # ----------------------------------------------------------------------------------------------
     # merged predictions
@@ -535,7 +540,7 @@ class TiledEnsembleEngine:
     ) -> Iterator[MergedBatch]:
         """Merged, calibrated predictions of a split, a few images at a time, with ground truth."""
         settings = self.settings
-        reader = self._store(record).reader([p.name for p in self.grid])
+        reader = self._store(record.fingerprint).reader([p.name for p in self.grid])
         masks = record.masks
         merger = self._merger()
         tile_threshold = settings.thresholding.stage == ThresholdStage.TILE and tile_calibrations is not None
@@ -557,8 +562,8 @@ class TiledEnsembleEngine:
                 batch.gt_mask = torch.from_numpy(masks.read(start, len(indices)).copy()).bool()
             yield batch
 
-    def _calibrations(self) -> tuple[list[Calibration] | None, Calibration | None]:
-        stats = self._stats()
+    def _calibrations(self, output: Path | None) -> tuple[list[Calibration] | None, Calibration | None]:
+        stats = self._stats(output)
         image = Calibration.from_dict(stats["image"]) if stats.get("image") else None
         return _tile_calibrations(stats), image
 
@@ -580,12 +585,10 @@ class TiledEnsembleEngine:
             ``[{metric name: value}]``, like ``Engine.test``.
         """
         run = self._require_run()
-        record = self._test_record(datamodule)
-        _check_metric_inputs(record.labels, self.settings.metrics)
-        self._ensure_predictions(record, lambda: DatasetSource(setup_splits(self._datamodule(datamodule), self.settings.seed)["test"]))
+        record = self._test_split(datamodule)
         output = run.new_output_dir("eval")
         with self._run_log():
-            tile_calibrations, image_calibration = self._calibrations()
+            tile_calibrations, image_calibration = self._calibrations(output)
             pixel_range = self._pixel_range(record, tile_calibrations, image_calibration)
             suite = MetricSuite(self.settings.metrics.image, self.settings.metrics.pixel if record.has_masks else [], pixel_range)
             self._write_outputs(record, output, tile_calibrations, image_calibration, pixel_range, suite)
@@ -597,50 +600,65 @@ class TiledEnsembleEngine:
         self.console.print(format_table(results, f"Tiled ensemble: {output}"))
         return [results]
 
-    def _datamodule(self, datamodule: Any) -> Any:  # noqa: ANN401
-        datamodule = datamodule or self.datamodule
-        if datamodule is None:
-            assert self.run is not None
-            _, _, data_spec = config_module.load_run_config(self.run)
-            datamodule = config_module.instantiate_datamodule(data_spec)
-        return datamodule
+    def _test_split(self, datamodule: Any) -> SplitRecord:  # noqa: ANN401
+        """The test split to evaluate, with every tile predicted.
 
-    def _test_record(self, datamodule: Any) -> SplitRecord:  # noqa: ANN401
+        Without a data module the run's recorded test split is used as long as its predictions are
+        stored; otherwise the data module (given, used by :meth:`fit`, or built from the run's config)
+        is set up again with the run's seed.
+        """
         run = self._require_run()
         recorded = run.split_dir("test")
         if datamodule is None and self.datamodule is None and (recorded / "index.json").is_file():
-            return SplitRecord.load(recorded)
-        splits = setup_splits(self._datamodule(datamodule), self.settings.seed)
+            record = SplitRecord.load(recorded)
+            if self._missing_tiles(record.fingerprint) == []:
+                _check_metric_inputs(record.labels, self.settings.metrics)
+                return record
+        datamodule = datamodule or self.datamodule
+        if datamodule is None:
+            _, _, data_spec = config_module.load_run_config(run)
+            datamodule = config_module.instantiate_datamodule(data_spec)
+        splits = setup_splits(datamodule, self.settings.seed)
         if "test" not in splits:
             msg = "data: the data module has no test split; check data.init_args.test_split_mode"
             raise DataError(msg)
         source = DatasetSource(splits["test"])
-        if (recorded / "index.json").is_file():
-            record = SplitRecord.load(recorded)
-            if record.image_paths == source.image_paths:
-                return record
-        directory = run.root / "splits" / "test-eval"
-        return cache_split(source, self.grid.image_size, directory, None, 0)
+        _check_metric_inputs(source.labels, self.settings.metrics)
+        fingerprint = split_fingerprint(source.image_paths, source.labels)
+        directory = recorded if self._recorded_fingerprint(recorded) in (None, fingerprint) else run.root / "splits" / fingerprint
+        return self._prepare_split(source, directory, workers=self._workers(datamodule))
 
-    def _ensure_predictions(self, record: SplitRecord, make_source: Any) -> None:  # noqa: ANN401
-        """Predict the tiles of a split whose predictions are not stored yet, one checkpoint at a time."""
+    def _recorded_fingerprint(self, directory: Path) -> str | None:
+        return SplitRecord.load(directory).fingerprint if (directory / "index.json").is_file() else None
+
+    def _missing_tiles(self, fingerprint: str) -> list[TilePosition]:
+        store = self._store(fingerprint)
+        return [position for position in self.grid if not store.is_complete(position.name, fingerprint)]
+
+    def _prepare_split(self, source: DatasetSource | FileSource, directory: Path, workers: int = 0) -> SplitRecord:
+        """Record of a split with every tile predicted: stored predictions are reused, missing ones come
+        from one decode of the images and one checkpoint at a time."""
         run = self._require_run()
         assert self.factory is not None
-        store = self._store(record)
-        missing = [p for p in self.grid if not store.is_complete(p.name, record.fingerprint)]
-        if not missing:
-            return
-        cache_file = run.root / "cache" / f"{record.fingerprint}.images.npy"
+        fingerprint = split_fingerprint(source.image_paths, source.labels)
+        missing = self._missing_tiles(fingerprint)
+        if not missing and self._recorded_fingerprint(directory) == fingerprint:
+            return SplitRecord.load(directory)
+        cache_file = run.root / "cache" / f"{fingerprint}.images.npy" if missing else None
         with self._progress() as progress:
-            task = progress.add_task("Decoding images", total=len(record))
-            cache_split(
-                make_source(),
+            task = progress.add_task("Decoding images", total=len(source))
+            record = cache_split(
+                source,
                 self.grid.image_size,
-                record.directory,
+                directory,
                 cache_file,
-                0,
+                workers,
                 progress=lambda done: progress.update(task, completed=done),
             )
+        if not missing:
+            return record
+        assert cache_file is not None
+        store = self._store(fingerprint)
         images = NpyFile(cache_file)
         try:
             with self._progress() as progress:
@@ -648,7 +666,7 @@ class TiledEnsembleEngine:
                 for position in missing:
                     checkpoint = run.verify_checkpoint(position.name)
                     model = self.factory.load(checkpoint)
-                    writer = TilePredictionWriter(store, position, len(record), record.fingerprint, "predict")
+                    writer = TilePredictionWriter(store, position, len(record), fingerprint, "predict")
                     engine = TileEngine(
                         callbacks=[writer],
                         default_root_dir=run.root / "tiles" / position.name,
@@ -661,6 +679,10 @@ class TiledEnsembleEngine:
                     progress.advance(task)
         finally:
             shutil.rmtree(run.root / "cache", ignore_errors=True)
+        return record
+
+    def _workers(self, datamodule: Any) -> int:  # noqa: ANN401
+        return min(getattr(datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
 
     def _pixel_range(
         self,
@@ -673,7 +695,7 @@ class TiledEnsembleEngine:
         )
         if normalized:
             return (0.0, 1.0)
-        return self._store(record).value_range([p.name for p in self.grid])
+        return self._store(record.fingerprint).value_range([p.name for p in self.grid])
 
     def _write_outputs(
         self,
@@ -749,27 +771,17 @@ class TiledEnsembleEngine:
             pictures in ``<output>/images``, and ``<output>/predictions.csv`` lists them all.
         """
         run = self._require_run()
-        paths = collect_images(data_path)
-        source = FileSource(paths)
+        source = FileSource(collect_images(data_path))
         out = Path(output) if output is not None else run.new_output_dir("predict")
         out.mkdir(parents=True, exist_ok=True)
-        probe = SplitRecord(out / "split", paths, source.mask_paths, [-1] * len(paths), False)
-        record = cache_split(source, self.grid.image_size, probe.directory, None, 0) if not self._has_store(probe) else probe
-        if record is probe:
-            record.directory.mkdir(parents=True, exist_ok=True)
-            record.save()
-        self._ensure_predictions(record, lambda: source)
+        record = self._prepare_split(source, out / "split", workers=os.cpu_count() or 1)
         with self._run_log():
-            tile_calibrations, image_calibration = self._calibrations()
+            tile_calibrations, image_calibration = self._calibrations(out)
             pixel_range = self._pixel_range(record, tile_calibrations, image_calibration)
             predictions = self._write_outputs(record, out, tile_calibrations, image_calibration, pixel_range, None, out / "maps")
         shutil.rmtree(out / "split", ignore_errors=True)
         self.console.print(f"Predictions of {len(predictions)} images written to {out}")
         return predictions
-
-    def _has_store(self, record: SplitRecord) -> bool:
-        store = self._store(record)
-        return all(store.is_complete(p.name, record.fingerprint) for p in self.grid)
 
     # ----------------------------------------------------------------------------------------------
     # helpers
