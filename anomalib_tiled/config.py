@@ -805,24 +805,25 @@ def parse_args(command: str, args: list[str]) -> tuple[ArgumentParser, Namespace
     """
     from jsonargparse import ArgumentError  # noqa: PLC0415
 
-    parser = build_parser(command)
-    if command in {"eval", "predict"}:
-        root = _root_argument(args)
-        if root is not None and command == "eval":
-            from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
+    from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
 
-            args = ["--config", str(RunDirectory.open(root).config_path), *args]
+    parser = build_parser(command)
+    # eval and resume start from the run's own config; the command line may then override keys.
+    if command == "eval" and (root := _argument(args, "--root")) is not None:
+        args = ["--config", str(RunDirectory.open(root).config_path), *args]
+    if command == "train" and (root := _argument(args, "--resume")) is not None:
+        args = ["--config", str(RunDirectory.open(root, require_trained=False).config_path), *args]
     try:
         return parser, parser.parse_args(args)
     except ArgumentError as error:
         raise ConfigError(condense_parser_error(str(error), parser)) from None
 
 
-def _root_argument(args: list[str]) -> str | None:
+def _argument(args: list[str], option: str) -> str | None:
     for index, arg in enumerate(args):
-        if arg == "--root" and index + 1 < len(args):
+        if arg == option and index + 1 < len(args):
             return args[index + 1]
-        if arg.startswith("--root="):
+        if arg.startswith(f"{option}="):
             return arg.partition("=")[2]
     return None
 

@@ -53,9 +53,10 @@ class NpyFile:
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read_header(handle)
             self.offset = handle.tell()
-        if fortran:
-            msg = f"{path}: Fortran-ordered arrays are not supported"
-            raise ValueError(msg)
+        if fortran or np.dtype(dtype).hasobject:
+            # Object arrays would be unpickled: never from a run directory.
+            msg = f"{path}: not a plain numeric array file; the run directory is corrupt, train again"
+            raise DataError(msg)
         self.shape: tuple[int, ...] = shape
         self.dtype = np.dtype(dtype)
         self.item_shape = shape[1:]

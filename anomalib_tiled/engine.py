@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -193,6 +195,7 @@ class TiledEnsembleEngine:
         self.factory: ModelFactory | None = None
         self.datamodule: Any = None
         self.console = Console(stderr=True)
+        self._interrupt_requested = threading.Event()
 
     @classmethod
     def from_settings(cls, settings: EnsembleSettings) -> TiledEnsembleEngine:
@@ -286,6 +289,9 @@ class TiledEnsembleEngine:
             raise DataError(msg)
         if evaluate:
             _check_metric_inputs(DatasetSource(splits["test"]).labels, self.settings.metrics)
+        # Fail on init args the model rejects (unknown backbone, missing weights...) before any work.
+        self.factory.build(self.grid.tile_size, monitored)
+        release()
 
         if resume is not None:
             self.run = RunDirectory.open(resume, require_trained=False)
@@ -305,13 +311,12 @@ class TiledEnsembleEngine:
             )
             atomic_write_text(self.run.config_path, config_module.dump_config(config))
         self.console.print(f"Run directory: {self.run.root}")
-        with self._run_log():
+        with self._run_log(), self._interruptible():
             try:
                 records, caches = self._cache_splits(splits, with_test=evaluate)
                 self._train_tiles(records, caches, monitored, datamodule)
-                if "val" in records:
-                    stats = self._calibrate(records["val"])
-                    atomic_write_text(self.run.stats_path, json.dumps(stats, indent=2) + "\n")
+                stats = self._calibrate(records.get("val"))
+                atomic_write_text(self.run.stats_path, json.dumps(stats, indent=2) + "\n")
                 self._drop_caches()
                 self.run.update_manifest(
                     status=RunStatus.TRAINED,
@@ -326,6 +331,34 @@ class TiledEnsembleEngine:
                 self.run.update_manifest(status=RunStatus.FAILED)
                 raise
         return self.run
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Turn SIGINT and SIGTERM into KeyboardInterrupt, and remember them.
+
+        An interrupt that lands in a ``__del__`` (garbage collection of a finished tile) is swallowed
+        by Python; the remembered request is raised again at the next tile boundary.
+        """
+        self._interrupt_requested = threading.Event()
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum: int, frame: object) -> None:
+            del signum, frame
+            self._interrupt_requested.set()
+            raise KeyboardInterrupt
+
+        previous = {number: signal.signal(number, request) for number in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _raise_if_interrupted(self) -> None:
+        if self._interrupt_requested.is_set():
+            raise KeyboardInterrupt
 
     def _interrupted(self, how: str) -> RunInterruptedError:
         assert self.run is not None
@@ -410,6 +443,7 @@ class TiledEnsembleEngine:
                     # The tile's model and trainer are unreachable now; return their memory before the next tile.
                     release()
                 progress.advance(task)
+                self._raise_if_interrupted()
 
     def _tile_is_done(self, position: TilePosition, records: dict[str, SplitRecord], stores: dict[str, PredictionStore]) -> bool:
         assert self.run is not None
@@ -478,34 +512,44 @@ class TiledEnsembleEngine:
     # ----------------------------------------------------------------------------------------------
     # calibration
 
-    def _calibrate(self, record: SplitRecord) -> dict[str, Any]:
-        """Learn normalisation/threshold statistics of the current settings from validation predictions."""
+    def _calibrate(self, record: SplitRecord | None) -> dict[str, Any]:
+        """Normalisation/threshold statistics of the current settings, learned from validation predictions.
+
+        Without a validation split (``record`` None) only a fixed threshold (ManualThreshold) can be
+        set; configuration checks guarantee nothing else is asked for then.
+        """
         settings = self.settings
-        key = _calibration_key(settings)
-        store = self._store(record.fingerprint)
-        names = [p.name for p in self.grid]
+        store = self._store(record.fingerprint) if record is not None else None
         method = settings.thresholding.method
         tile_stage = settings.thresholding.stage == ThresholdStage.TILE
-        stats: dict[str, Any] = {"key": key, "split": record.fingerprint, "tile": None, "image": None}
+        stats: dict[str, Any] = {
+            "key": _calibration_key(settings),
+            "split": None if record is None else record.fingerprint,
+            "tile": None,
+            "image": None,
+        }
         if settings.normalization_stage == NormalizationStage.TILE or tile_stage:
             tiles = []
             for position in self.grid:
                 estimator = CalibrationEstimator(
                     method if tile_stage else None,
                     settings.normalization_stage == NormalizationStage.TILE,
-                    store.value_range([position.name]),
+                    store.value_range([position.name]) if store is not None else (0.0, 1.0),
                 )
-                for batch in _tile_batches(store, record, position):
-                    estimator.update(batch)
+                if store is not None and record is not None:
+                    for batch in _tile_batches(store, record, position):
+                        estimator.update(batch)
                 tiles.append(estimator.compute().to_dict())
             stats["tile"] = tiles
         image_norm = settings.normalization_stage == NormalizationStage.IMAGE
         if image_norm or not tile_stage:
-            tile_calibrations = _tile_calibrations(stats)
-            pixel_range = (0.0, 1.0) if settings.normalization_stage == NormalizationStage.TILE else store.value_range(names)
+            pixel_range = (0.0, 1.0)
+            if store is not None and settings.normalization_stage != NormalizationStage.TILE:
+                pixel_range = store.value_range([p.name for p in self.grid])
             estimator = CalibrationEstimator(None if tile_stage else method, image_norm, pixel_range)
-            for batch in self._merged(record, tile_calibrations, None):
-                estimator.update(batch)
+            if record is not None:
+                for batch in self._merged(record, _tile_calibrations(stats), None):
+                    estimator.update(batch)
             stats["image"] = estimator.compute().to_dict()
         return stats
 
@@ -513,12 +557,17 @@ class TiledEnsembleEngine:
         """Statistics for the current settings: the run's own, or learned again from its validation
         predictions when post-processing settings changed (then saved in ``output``, not in the run)."""
         assert self.run is not None
-        if "val" not in self.run.manifest().get("splits", {}):
-            return {"tile": None, "image": None}
-        record = SplitRecord.load(self.run.split_dir("val"))
+        has_val = "val" in self.run.manifest().get("splits", {})
+        record = SplitRecord.load(self.run.split_dir("val")) if has_val else None
         stats = json.loads(self.run.stats_path.read_text(encoding="utf-8"))
-        if stats.get("key") == _calibration_key(self.settings) and stats.get("split") == record.fingerprint:
+        if stats.get("key") == _calibration_key(self.settings) and stats.get("split") == (record and record.fingerprint):
             return stats
+        if record is None and self.settings.needs_validation_split:
+            msg = (
+                "normalization_stage/thresholding: the run has no validation split to learn them from; "
+                "use normalization_stage: none with a ManualThreshold"
+            )
+            raise ConfigError(msg)
         stats = self._calibrate(record)
         if output is not None:
             atomic_write_text(output / "stats.json", json.dumps(stats, indent=2) + "\n")

@@ -146,12 +146,14 @@ class RunDirectory:
                 "pass the vN directory printed by 'anomalib tiled train'"
             )
             raise RunDirectoryError(msg)
-        if require_trained and run.manifest()["status"] != RunStatus.TRAINED:
-            msg = (
-                f"--root: the run in {root} is unfinished (status: {run.manifest()['status']}); "
-                f"finish it with 'anomalib tiled train --resume {root}'"
-            )
-            raise RunDirectoryError(msg)
+        if require_trained:
+            if run.manifest()["status"] != RunStatus.TRAINED:
+                msg = (
+                    f"--root: the run in {root} is unfinished (status: {run.manifest()['status']}); "
+                    f"finish it with 'anomalib tiled train --resume {root}'"
+                )
+                raise RunDirectoryError(msg)
+            run.check_checkpoints()
         return run
 
     @property
@@ -226,6 +228,26 @@ class RunDirectory:
         if not entry or not checkpoint.is_file() or checkpoint.stat().st_size != entry["checkpoint"]["size"]:
             return None
         return entry if file_digest(checkpoint) == entry["checkpoint"] else None
+
+    def check_checkpoints(self) -> None:
+        """Quick integrity check of every tile checkpoint: present and of the recorded size.
+
+        The full sha256 is checked by :meth:`verify_checkpoint` whenever a checkpoint is loaded.
+
+        Raises:
+            RunDirectoryError: Naming the first missing or truncated checkpoint.
+        """
+        for tile_name, entry in self.manifest()["tiles"].items():
+            checkpoint = self.checkpoint_path(tile_name)
+            if not checkpoint.is_file():
+                msg = f"{checkpoint}: tile checkpoint is missing; retrain it with 'anomalib tiled train --resume {self.root}'"
+                raise RunDirectoryError(msg)
+            if checkpoint.stat().st_size != entry["checkpoint"]["size"]:
+                msg = (
+                    f"{checkpoint}: tile checkpoint is corrupt (its size differs from manifest.json); "
+                    f"delete it and retrain with 'anomalib tiled train --resume {self.root}'"
+                )
+                raise RunDirectoryError(msg)
 
     def verify_checkpoint(self, tile_name: str) -> Path:
         """Path of a tile checkpoint after checking it against the manifest.

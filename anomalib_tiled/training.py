@@ -114,8 +114,9 @@ class ModelFactory:
         kwargs["evaluator"] = Evaluator(val_metrics=validation_metrics(monitored_metrics)) if monitored_metrics else False
         try:
             return self.model_class(**kwargs)
-        except (TypeError, ValueError) as error:
-            msg = f"TrainModels.model.init_args: {self.name} rejected its arguments: {error}"
+        except Exception as error:  # noqa: BLE001 - whatever the model raises, the cause is its init args
+            detail = " ".join(str(error).split())
+            msg = f"TrainModels.model.init_args: {self.name} cannot be built with {self.init_args}: {detail}"
             raise ConfigError(msg) from None
 
     def load(self, checkpoint: Path) -> AnomalibModule:
