@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from anomalib_tiled.engine import TiledEnsembleEngine
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - lazy public attributes
+def __getattr__(name: str) -> Any:
     if name == "TiledEnsembleEngine":
         from anomalib_tiled.engine import TiledEnsembleEngine  # noqa: PLC0415
 

@@ -13,10 +13,10 @@ import logging
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-
 
 from anomalib_tiled.errors import ConfigError, RunInterruptedError, TiledEnsembleError
 
@@ -65,10 +65,12 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if command not in SUBCOMMANDS:
         from anomalib_tiled.errors import did_you_mean  # noqa: PLC0415
 
-        sys.stderr.write(f"error: unknown subcommand '{command}'{did_you_mean(command, SUBCOMMANDS)}; use train, eval or predict\n")
+        sys.stderr.write(
+            f"error: unknown subcommand '{command}'{did_you_mean(command, SUBCOMMANDS)}; use train, eval or predict\n"
+        )
         return EXIT_USAGE
     verbose = "--verbose" in options or "--verbose=true" in options
-    _quiet_libraries()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # anomalib's import-time deprecations
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return _run(command, options)
@@ -98,6 +100,7 @@ def _run(command: str, options: list[str]) -> int:
     from anomalib_tiled import config  # noqa: PLC0415
     from anomalib_tiled.engine import TiledEnsembleEngine  # noqa: PLC0415
 
+    _quiet_libraries()  # after the imports: importing Lightning resets its loggers to INFO
     _, cfg = config.parse_args(command, options)
     if command == "predict":
         engine = TiledEnsembleEngine.from_run(cfg.root)
@@ -138,15 +141,35 @@ def _report(error: BaseException, verbose: bool, text: str | None = None) -> Non
     if verbose:
         traceback.print_exception(error)
     message = text if text is not None else str(error)
-    hint = "" if verbose or isinstance(error, TiledEnsembleError | KeyboardInterrupt) else " (rerun with --verbose for the traceback)"
+    hint = (
+        ""
+        if verbose or isinstance(error, TiledEnsembleError | KeyboardInterrupt)
+        else " (rerun with --verbose for the traceback)"
+    )
     sys.stderr.write(f"error: {message}{hint}\n")
 
 
-def _raise_interrupt(signum: int, frame: Any) -> NoReturn:  # noqa: ANN401
+def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
     del signum, frame
     raise KeyboardInterrupt
 
 
 def _quiet_libraries() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "anomalib"):
+    """Keep Lightning's per-tile banners (devices, tips) and known-harmless notices off the console."""
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "pytorch_lightning",
+        "lightning_fabric",
+        "anomalib",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning's notes on memory-bank models (no optimizer, frozen backbone in eval mode) say
+    # nothing about the user's run.
+    for message in (
+        "`LightningModule.configure_optimizers` returned `None`",
+        "Found .* module\\(s\\) in eval mode",
+        "`isinstance\\(treespec, LeafSpec\\)`",
+    ):
+        warnings.filterwarnings("ignore", message=message)

@@ -264,7 +264,10 @@ def class_spec(spec: str | dict | Namespace, key: str) -> tuple[str, dict[str, A
 def check_init_args(cls: type, init_args: dict[str, Any], key: str) -> None:
     """Fail if ``init_args`` names a parameter ``cls`` does not accept."""
     parameters = inspect.signature(cls.__init__).parameters
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()) and cls.__init__ is not object.__init__:
+    if (
+        any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        and cls.__init__ is not object.__init__
+    ):
         accepted = [n for n in parameters if n != "self"]
         strict = False
     else:
@@ -286,7 +289,7 @@ def is_manual_threshold(method: str | dict) -> bool:
 # Validation
 
 
-def _enum(enum_cls: type[Enum], value: Any, key: str) -> Any:  # noqa: ANN401 - returns a member of enum_cls
+def _enum(enum_cls: type[Enum], value: Any, key: str) -> Any:
     if isinstance(value, enum_cls):
         return value
     try:
@@ -297,7 +300,7 @@ def _enum(enum_cls: type[Enum], value: Any, key: str) -> Any:  # noqa: ANN401 - 
         raise ConfigError(msg) from None
 
 
-def _as_list(value: Any) -> list:  # noqa: ANN401
+def _as_list(value: Any) -> list:
     if value is None:
         return []
     if isinstance(value, str | dict):
@@ -337,7 +340,10 @@ def threshold_class(method: str | dict) -> type:
     class_path, init_args = class_spec(method, "thresholding.method")
     cls = import_class(class_path, METRIC_MODULE, "thresholding.method")
     if not issubclass(cls, Threshold):
-        msg = f"thresholding.method: {class_path} is not an anomalib threshold; use F1AdaptiveThreshold or ManualThreshold"
+        msg = (
+            f"thresholding.method: {class_path} is not an anomalib threshold; "
+            "use F1AdaptiveThreshold or ManualThreshold"
+        )
         raise ConfigError(msg)
     check_init_args(cls, init_args, "thresholding.method")
     return cls
@@ -349,7 +355,8 @@ def check_accelerator(accelerator: str) -> None:
 
     choices = ("auto", "cpu", "gpu", "cuda", "mps")
     if accelerator not in choices:
-        msg = f"accelerator: unknown value {accelerator!r}{did_you_mean(accelerator, choices)}; use one of {list(choices)}"
+        suggestion = did_you_mean(accelerator, choices)
+        msg = f"accelerator: unknown value {accelerator!r}{suggestion}; use one of {list(choices)}"
         raise ConfigError(msg)
     if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available():
         msg = (
@@ -358,7 +365,9 @@ def check_accelerator(accelerator: str) -> None:
         )
         raise ConfigError(msg)
     if accelerator == "mps" and not torch.backends.mps.is_available():
-        msg = "accelerator: 'mps' requested but Apple MPS is not available on this machine; use accelerator: cpu or auto"
+        msg = (
+            "accelerator: 'mps' requested but Apple MPS is not available on this machine; use accelerator: cpu or auto"
+        )
         raise ConfigError(msg)
 
 
@@ -431,7 +440,9 @@ def _translate_legacy_data_args(config: dict[str, Any], init_args: dict[str, Any
     if image_size is not None:
         tiling = config.setdefault("tiling", {})
         if isinstance(tiling, dict):
-            if tiling.get("image_size") is not None and _as_pair_list(tiling["image_size"]) != _as_pair_list(image_size):
+            if tiling.get("image_size") is not None and _as_pair_list(tiling["image_size"]) != _as_pair_list(
+                image_size
+            ):
                 logger.warning(
                     "Both tiling.image_size (%s) and data.init_args.image_size (%s) are set; using tiling.image_size.",
                     tiling["image_size"],
@@ -447,11 +458,11 @@ def _translate_legacy_data_args(config: dict[str, Any], init_args: dict[str, Any
                 init_args.setdefault(new, value)
 
 
-def _as_pair_list(value: Any) -> Any:  # noqa: ANN401
+def _as_pair_list(value: Any) -> Any:
     return [value, value] if isinstance(value, int) else list(value) if isinstance(value, list | tuple) else value
 
 
-def _load_yaml(text: str) -> Any:  # noqa: ANN401 - any YAML value
+def _load_yaml(text: str) -> Any:
     value = yaml.safe_load(text)
     if isinstance(value, dict) and ({"TrainModels", "tiling", "data"} & set(value)):
         return translate_legacy(value)
@@ -572,14 +583,14 @@ def settings_from_namespace(cfg: Namespace) -> EnsembleSettings:
     )
 
 
-def _pair(value: Any, key: str) -> tuple[int, int]:  # noqa: ANN401
+def _pair(value: Any, key: str) -> tuple[int, int]:
     try:
         return to_pair(list(value) if isinstance(value, tuple) else value, key)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
-def _plain(value: Any) -> Any:  # noqa: ANN401 - namespaces become dicts, the rest is kept
+def _plain(value: Any) -> Any:
     if isinstance(value, Namespace):
         return {key: _plain(item) for key, item in vars(value).items()}
     if isinstance(value, dict):
@@ -614,7 +625,7 @@ def condense_parser_error(message: str, parser: ArgumentParser | None = None) ->
         reason = message.strip().splitlines()[-1].strip()
         where = f" at line {yaml_error.group(1)}, column {yaml_error.group(2)}" if yaml_error else ""
         return f"config file: YAML syntax error{where}: {reason}; fix the YAML"
-    class_problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*-|\Z)", message, re.S)
+    class_problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*-|\Z)", message, re.DOTALL)
     if class_problem:
         class_path, detail = class_problem.group(1), re.sub(r"\s+", " ", class_problem.group(2)).strip()
         option = re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)", detail)
@@ -629,7 +640,7 @@ def condense_parser_error(message: str, parser: ArgumentParser | None = None) ->
     import_path = re.search(
         r"(?:Expected a dot import path string: |Import path )(\S+?)(?: does not correspond|\s*$)",
         message,
-        re.M,
+        re.MULTILINE,
     )
     if import_path:
         name = import_path.group(1).strip("'\"")
@@ -690,7 +701,7 @@ def _subclass_names(base_path: str) -> list[str]:
     return sorted(names)
 
 
-def as_yaml_value(value: Any) -> Any:  # noqa: ANN401 - YAML-friendly copy
+def as_yaml_value(value: Any) -> Any:
     """Copy of ``value`` with enums, paths and tuples turned into YAML scalars and lists."""
     if isinstance(value, Enum):
         return value.value
@@ -728,7 +739,9 @@ def build_parser(command: str) -> ArgumentParser:
     if command == "predict":
         parser.add_argument("--root", type=Path, required=True, help="Run directory printed by 'anomalib tiled train'.")
         parser.add_argument("--data", type=str, required=True, help="Folder, image file or glob of images to predict.")
-        parser.add_argument("--output", type=Path | None, default=None, help="Output folder (default: <root>/predict/vN).")
+        parser.add_argument(
+            "--output", type=Path | None, default=None, help="Output folder (default: <root>/predict/vN)."
+        )
         parser.add_dataclass_arguments(VisualizationConfig, "visualization")
         parser.add_argument("--verbose", type=bool, default=False, help="Print full tracebacks.")
         return parser
@@ -769,15 +782,14 @@ def settings_to_config(settings: EnsembleSettings, model_spec: dict, data_spec: 
 
 
 def _trainer_spec(trainer: dict[str, Any]) -> dict[str, Any]:
-    spec = {}
-    for key, value in trainer.items():
-        if key == "callbacks":
-            value = [_object_spec(callback) for callback in (value if isinstance(value, list) else [value])]
-        spec[key] = as_yaml_value(value)
+    spec = {key: as_yaml_value(value) for key, value in trainer.items() if key != "callbacks"}
+    if "callbacks" in trainer:
+        callbacks = trainer["callbacks"]
+        spec["callbacks"] = [_object_spec(c) for c in (callbacks if isinstance(callbacks, list) else [callbacks])]
     return spec
 
 
-def _object_spec(value: Any) -> Any:  # noqa: ANN401
+def _object_spec(value: Any) -> Any:
     """Callback instances (Python API) become ``{class_path, init_args}`` by their init signature."""
     if isinstance(value, dict | str):
         return value
@@ -828,7 +840,7 @@ def _argument(args: list[str], option: str) -> str | None:
     return None
 
 
-def load_run_config(run: Any) -> tuple[EnsembleSettings, dict, dict | None]:  # noqa: ANN401 - a RunDirectory
+def load_run_config(run: Any) -> tuple[EnsembleSettings, dict, dict | None]:
     """Settings, model spec and data spec saved in a run's ``config.yaml``.
 
     Raises:
@@ -842,7 +854,11 @@ def load_run_config(run: Any) -> tuple[EnsembleSettings, dict, dict | None]:  # 
     except ArgumentError as error:
         msg = f"{run.config_path}: {condense_parser_error(str(error), parser)}"
         raise ConfigError(msg) from None
-    return settings_from_namespace(cfg), spec_from_namespace(cfg.TrainModels.model), spec_from_namespace(cfg.get("data"))
+    return (
+        settings_from_namespace(cfg),
+        spec_from_namespace(cfg.TrainModels.model),
+        spec_from_namespace(cfg.get("data")),
+    )
 
 
 def check_frozen_keys(run_cfg: Namespace, cfg: Namespace) -> None:
@@ -858,7 +874,7 @@ def check_frozen_keys(run_cfg: Namespace, cfg: Namespace) -> None:
             raise ConfigError(msg)
 
 
-def instantiate_datamodule(spec: dict[str, Any] | None) -> Any:  # noqa: ANN401 - an AnomalibDataModule
+def instantiate_datamodule(spec: dict[str, Any] | None) -> Any:
     """Data module from ``{class_path, init_args}`` (nested class specs such as augmentations included).
 
     Raises:
@@ -870,7 +886,7 @@ def instantiate_datamodule(spec: dict[str, Any] | None) -> Any:  # noqa: ANN401 
     return _instantiate(spec, "anomalib.data.AnomalibDataModule", "data")
 
 
-def _instantiate(spec: dict[str, Any], base_path: str, key: str) -> Any:  # noqa: ANN401
+def _instantiate(spec: dict[str, Any], base_path: str, key: str) -> Any:
     from jsonargparse import ArgumentError  # noqa: PLC0415
 
     module, _, name = base_path.rpartition(".")

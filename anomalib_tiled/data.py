@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812 - torchvisi
 from torchvision.tv_tensors import Mask
 
 from anomalib_tiled.errors import DataError
-from anomalib_tiled.run import atomic_path, atomic_write_text
+from anomalib_tiled.run import atomic_write_text
 from anomalib_tiled.tiling import Size, TilePosition
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ class NpyFile:
         self.path = Path(path)
         with self.path.open("rb") as handle:
             version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(handle)
             self.offset = handle.tell()
         if fortran or np.dtype(dtype).hasobject:
@@ -164,7 +166,7 @@ class DatasetSource:
         dataset: The split's ``AnomalibDataset``.
     """
 
-    def __init__(self, dataset: Any) -> None:  # noqa: ANN401 - an AnomalibDataset
+    def __init__(self, dataset: Any) -> None:
         self.dataset = copy.copy(dataset)
         self.dataset.augmentations = None
         samples = dataset.samples
@@ -177,7 +179,7 @@ class DatasetSource:
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def load(self, index: int) -> Any:  # noqa: ANN401 - an anomalib ImageItem
+    def load(self, index: int) -> Any:
         """Decoded image, mask and label of one sample."""
         return self.dataset[index]
 
@@ -199,7 +201,7 @@ class FileSource:
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def load(self, index: int) -> Any:  # noqa: ANN401 - an anomalib ImageItem
+    def load(self, index: int) -> Any:
         """Decoded image of one file."""
         from anomalib.data import ImageItem  # noqa: PLC0415
         from anomalib.data.utils import read_image  # noqa: PLC0415
@@ -318,7 +320,9 @@ def cache_split(
             if progress is not None:
                 progress(done)
     if upsampled:
-        logger.warning("%d image(s) are smaller than the tiled image size %s and were upsampled.", upsampled, image_size)
+        logger.warning(
+            "%d image(s) are smaller than the tiled image size %s and were upsampled.", upsampled, image_size
+        )
     for partial_file, final in ((images, cache_file), (masks, directory / "masks.npy")):
         if partial_file is not None and final is not None:
             os.replace(partial_file.path, final)
@@ -379,7 +383,7 @@ class TileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.record)
 
-    def __getitem__(self, index: int) -> Any:  # noqa: ANN401 - an anomalib ImageItem
+    def __getitem__(self, index: int) -> Any:
         from anomalib.data import ImageItem  # noqa: PLC0415
 
         rows, cols = self.position.slices
@@ -410,11 +414,12 @@ def tile_loader(dataset: TileDataset, batch_size: int, *, shuffle: bool, seed: i
     from anomalib.data import ImageBatch  # noqa: PLC0415
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=ImageBatch.collate, generator=generator)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=ImageBatch.collate, generator=generator
+    )
 
 
-
-def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:  # noqa: ANN401 - an AnomalibDataModule
+def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
     """Set the data module up once, with the run's seed, and return its non-empty splits.
 
     Args:
@@ -453,7 +458,7 @@ def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:  # noqa: ANN401 
     return splits
 
 
-def datamodule_spec(datamodule: Any) -> dict[str, Any]:  # noqa: ANN401
+def datamodule_spec(datamodule: Any) -> dict[str, Any]:
     """``{class_path, init_args}`` of a data module instance, as far as its attributes tell."""
     import inspect  # noqa: PLC0415
 

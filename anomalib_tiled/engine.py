@@ -56,9 +56,9 @@ from anomalib_tiled.data import (
     TileDataset,
     cache_split,
     collect_images,
-    split_fingerprint,
     datamodule_spec,
     setup_splits,
+    split_fingerprint,
     tile_loader,
 )
 from anomalib_tiled.errors import ConfigError, DataError, RunDirectoryError, RunInterruptedError
@@ -156,7 +156,7 @@ class TiledEnsembleEngine:
         pixel_metrics: Sequence[str | dict] | None = None,
         visualization: VisualizationConfig | None = None,
         callbacks: list[Any] | None = None,
-        **trainer_kwargs: Any,  # noqa: ANN401
+        **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(thresholding, ThresholdingConfig):
             thresholding = ThresholdingConfig(method=thresholding, stage=threshold_stage)
@@ -201,7 +201,7 @@ class TiledEnsembleEngine:
     def from_settings(cls, settings: EnsembleSettings) -> TiledEnsembleEngine:
         """Engine from already-resolved settings (the CLI's path)."""
         engine = cls.__new__(cls)
-        engine._init(settings)
+        engine._init(settings)  # noqa: SLF001 - the constructor's second half, shared
         return engine
 
     @classmethod
@@ -228,8 +228,8 @@ class TiledEnsembleEngine:
 
     def fit(
         self,
-        model: Any,  # noqa: ANN401 - AnomalibModule instance/class, name or spec
-        datamodule: Any,  # noqa: ANN401 - AnomalibDataModule
+        model: Any,
+        datamodule: Any,
         *,
         resume: str | Path | None = None,
         data_spec: dict | None = None,
@@ -251,8 +251,8 @@ class TiledEnsembleEngine:
 
     def train(
         self,
-        model: Any,  # noqa: ANN401
-        datamodule: Any,  # noqa: ANN401
+        model: Any,
+        datamodule: Any,
         *,
         resume: str | Path | None = None,
         data_spec: dict | None = None,
@@ -267,7 +267,9 @@ class TiledEnsembleEngine:
         self._train(model, datamodule, resume=resume, data_spec=data_spec, evaluate=True)
         return self.test(datamodule=datamodule)
 
-    def _train(self, model: Any, datamodule: Any, *, resume: Any, data_spec: dict | None, evaluate: bool) -> RunDirectory:  # noqa: ANN401
+    def _train(
+        self, model: Any, datamodule: Any, *, resume: Any, data_spec: dict | None, evaluate: bool
+    ) -> RunDirectory:
         self.factory = ModelFactory.from_spec(model)
         callbacks = fresh_callbacks(self.settings.trainer)
         monitored = monitored_metrics(callbacks)
@@ -282,10 +284,16 @@ class TiledEnsembleEngine:
             )
             raise ConfigError(msg)
         if monitored and "val" not in splits:
-            msg = f"TrainModels.trainer.callbacks: {monitored} are validation metrics but the data has no validation split"
+            msg = (
+                f"TrainModels.trainer.callbacks: {monitored} are validation metrics but the data has no "
+                "validation split; set data.init_args.val_split_mode"
+            )
             raise ConfigError(msg)
         if evaluate and "test" not in splits:
-            msg = "data: the data module has no test split to evaluate on; check test_split_mode or train with --evaluate false"
+            msg = (
+                "data: the data module has no test split to evaluate on; "
+                "check test_split_mode or train with --evaluate false"
+            )
             raise DataError(msg)
         if evaluate:
             _check_metric_inputs(DatasetSource(splits["test"]).labels, self.settings.metrics)
@@ -373,14 +381,18 @@ class TiledEnsembleEngine:
         assert self.run is not None
         run_settings, model_spec, _ = config_module.load_run_config(self.run)
         if run_settings.grid != self.grid:
-            msg = f"--resume: the run was trained with {run_settings.grid}, not {self.grid}; resume with the run's config"
+            msg = (
+                f"--resume: the run was trained with {run_settings.grid}, not {self.grid}; resume with the run's config"
+            )
             raise ConfigError(msg)
         assert self.factory is not None
         if ModelFactory.from_spec(model_spec).name != self.factory.name:
             msg = f"--resume: the run trains {ModelFactory.from_spec(model_spec).name}, not {self.factory.name}"
             raise ConfigError(msg)
 
-    def _cache_splits(self, splits: dict[str, Any], *, with_test: bool) -> tuple[dict[str, SplitRecord], dict[str, NpyFile]]:
+    def _cache_splits(
+        self, splits: dict[str, Any], *, with_test: bool
+    ) -> tuple[dict[str, SplitRecord], dict[str, NpyFile]]:
         """Decode each split once; the test split shares the validation cache when they are the same images."""
         assert self.run is not None
         records: dict[str, SplitRecord] = {}
@@ -425,7 +437,7 @@ class TiledEnsembleEngine:
         records: dict[str, SplitRecord],
         caches: dict[str, NpyFile],
         monitored: list[str],
-        datamodule: Any,  # noqa: ANN401
+        datamodule: Any,
     ) -> None:
         assert self.run is not None
         train_batch = getattr(datamodule, "train_batch_size", 32)
@@ -439,18 +451,24 @@ class TiledEnsembleEngine:
                 if self._tile_is_done(position, records, stores):
                     logger.info("%s: checkpoint and predictions verified, skipping.", position.name)
                 else:
-                    self._train_tile(position, records, caches, stores, monitored, train_batch, eval_batch, augmentations)
+                    self._train_tile(
+                        position, records, caches, stores, monitored, train_batch, eval_batch, augmentations
+                    )
                     # The tile's model and trainer are unreachable now; return their memory before the next tile.
                     release()
                 progress.advance(task)
                 self._raise_if_interrupted()
 
-    def _tile_is_done(self, position: TilePosition, records: dict[str, SplitRecord], stores: dict[str, PredictionStore]) -> bool:
+    def _tile_is_done(
+        self, position: TilePosition, records: dict[str, SplitRecord], stores: dict[str, PredictionStore]
+    ) -> bool:
         assert self.run is not None
         if self.run.verified_tile(position.name) is None:
             return False
         return all(
-            stores[name].is_complete(position.name, record.fingerprint) for name, record in records.items() if name != "train"
+            stores[name].is_complete(position.name, record.fingerprint)
+            for name, record in records.items()
+            if name != "train"
         )
 
     def _train_tile(
@@ -462,7 +480,7 @@ class TiledEnsembleEngine:
         monitored: list[str],
         train_batch: int,
         eval_batch: int,
-        augmentations: Any,  # noqa: ANN401
+        augmentations: Any,
     ) -> None:
         assert self.run is not None
         assert self.factory is not None
@@ -480,12 +498,18 @@ class TiledEnsembleEngine:
         }
         writers = {}
         if "val" in records:
-            writers["val"] = TilePredictionWriter(stores["val"], position, len(records["val"]), records["val"].fingerprint, "validate")
-        needs_test = "test" in records and records["test"].fingerprint != records.get("val", records["test"]).fingerprint
+            writers["val"] = TilePredictionWriter(
+                stores["val"], position, len(records["val"]), records["val"].fingerprint, "validate"
+            )
+        needs_test = (
+            "test" in records and records["test"].fingerprint != records.get("val", records["test"]).fingerprint
+        )
         if "test" in records and "val" not in records:
             needs_test = True
         if needs_test:
-            writers["test"] = TilePredictionWriter(stores["test"], position, len(records["test"]), records["test"].fingerprint, "predict")
+            writers["test"] = TilePredictionWriter(
+                stores["test"], position, len(records["test"]), records["test"].fingerprint, "predict"
+            )
         checkpoint = TileCheckpoint(self.run.checkpoint_path(position.name))
         engine = fit_tile(
             model,
@@ -554,13 +578,18 @@ class TiledEnsembleEngine:
         return stats
 
     def _stats(self, output: Path | None) -> dict[str, Any]:
-        """Statistics for the current settings: the run's own, or learned again from its validation
-        predictions when post-processing settings changed (then saved in ``output``, not in the run)."""
+        """Statistics for the current settings.
+
+        The run's own, or learned again from its validation predictions when post-processing settings
+        changed (then saved in ``output``, never in the run).
+        """
         assert self.run is not None
         has_val = "val" in self.run.manifest().get("splits", {})
         record = SplitRecord.load(self.run.split_dir("val")) if has_val else None
         stats = json.loads(self.run.stats_path.read_text(encoding="utf-8"))
-        if stats.get("key") == _calibration_key(self.settings) and stats.get("split") == (record and record.fingerprint):
+        if stats.get("key") == _calibration_key(self.settings) and stats.get("split") == (
+            record and record.fingerprint
+        ):
             return stats
         if record is None and self.settings.needs_validation_split:
             msg = (
@@ -619,7 +648,7 @@ class TiledEnsembleEngine:
     # ----------------------------------------------------------------------------------------------
     # test
 
-    def test(self, datamodule: Any = None) -> list[dict[str, float]]:  # noqa: ANN401
+    def test(self, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate the trained ensemble on a test split.
 
         Tile predictions already stored for this split (e.g. by :meth:`train`) are reused; otherwise
@@ -639,17 +668,20 @@ class TiledEnsembleEngine:
         with self._run_log():
             tile_calibrations, image_calibration = self._calibrations(output)
             pixel_range = self._pixel_range(record, tile_calibrations, image_calibration)
-            suite = MetricSuite(self.settings.metrics.image, self.settings.metrics.pixel if record.has_masks else [], pixel_range)
+            suite = MetricSuite(
+                self.settings.metrics.image, self.settings.metrics.pixel if record.has_masks else [], pixel_range
+            )
             self._write_outputs(record, output, tile_calibrations, image_calibration, pixel_range, suite)
             results = suite.compute()
             write_metrics(results, output)
         manifest = run.manifest()
         manifest.setdefault("evaluations", []).append({"dir": str(output.relative_to(run.root)), "metrics": results})
         run.write_manifest(manifest)
-        self.console.print(format_table(results, f"Tiled ensemble: {output}"))
+        self.console.print(format_table(results, "Tiled ensemble"))
+        self.console.print(f"Evaluation written to {output}")
         return [results]
 
-    def _test_split(self, datamodule: Any) -> SplitRecord:  # noqa: ANN401
+    def _test_split(self, datamodule: Any) -> SplitRecord:
         """The test split to evaluate, with every tile predicted.
 
         Without a data module the run's recorded test split is used as long as its predictions are
@@ -674,7 +706,11 @@ class TiledEnsembleEngine:
         source = DatasetSource(splits["test"])
         _check_metric_inputs(source.labels, self.settings.metrics)
         fingerprint = split_fingerprint(source.image_paths, source.labels)
-        directory = recorded if self._recorded_fingerprint(recorded) in (None, fingerprint) else run.root / "splits" / fingerprint
+        directory = (
+            recorded
+            if self._recorded_fingerprint(recorded) in (None, fingerprint)
+            else run.root / "splits" / fingerprint
+        )
         return self._prepare_split(source, directory, workers=self._workers(datamodule))
 
     def _recorded_fingerprint(self, directory: Path) -> str | None:
@@ -685,8 +721,11 @@ class TiledEnsembleEngine:
         return [position for position in self.grid if not store.is_complete(position.name, fingerprint)]
 
     def _prepare_split(self, source: DatasetSource | FileSource, directory: Path, workers: int = 0) -> SplitRecord:
-        """Record of a split with every tile predicted: stored predictions are reused, missing ones come
-        from one decode of the images and one checkpoint at a time."""
+        """Record of a split with every tile predicted.
+
+        Stored predictions are reused; missing ones come from one decode of the images and one
+        checkpoint at a time.
+        """
         run = self._require_run()
         assert self.factory is not None
         fingerprint = split_fingerprint(source.image_paths, source.labels)
@@ -721,7 +760,9 @@ class TiledEnsembleEngine:
                         default_root_dir=run.root / "tiles" / position.name,
                         **trainer_arguments({}, self.settings.accelerator),
                     )
-                    loader = tile_loader(TileDataset(images, record, position), 32, shuffle=False, seed=self.settings.seed)
+                    loader = tile_loader(
+                        TileDataset(images, record, position), 32, shuffle=False, seed=self.settings.seed
+                    )
                     predict_tile(engine, model, loader)
                     del model, engine, loader
                     release()
@@ -730,7 +771,7 @@ class TiledEnsembleEngine:
             shutil.rmtree(run.root / "cache", ignore_errors=True)
         return record
 
-    def _workers(self, datamodule: Any) -> int:  # noqa: ANN401
+    def _workers(self, datamodule: Any) -> int:
         return min(getattr(datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
 
     def _pixel_range(
@@ -775,7 +816,9 @@ class TiledEnsembleEngine:
                     score = float(batch.pred_score[offset])
                     picture = output / "images" / f"{name}.png" if visualization.save else None
                     if picture is not None:
-                        caption = f"score {score:.3f}" + ("" if label is None else f"  {'ANOMALOUS' if label else 'normal'}")
+                        caption = f"score {score:.3f}" + (
+                            "" if label is None else f"  {'ANOMALOUS' if label else 'normal'}"
+                        )
                         visualizer.submit(
                             ResultPicture(
                                 path,
@@ -792,14 +835,16 @@ class TiledEnsembleEngine:
                         with atomic_path(map_file) as temporary, temporary.open("wb") as handle:
                             np.save(handle, batch.anomaly_map[offset].numpy())
                         predictions.append(Prediction(path, score, label, map_file, picture))
-                    table.writerow([
-                        path,
-                        f"{score:.6f}",
-                        "" if label is None else int(label),
-                        "" if batch.gt_label is None else int(batch.gt_label[offset]),
-                        "" if picture is None else picture.relative_to(output),
-                        "" if map_file is None else map_file.relative_to(output),
-                    ])
+                    table.writerow(
+                        [
+                            path,
+                            f"{score:.6f}",
+                            "" if label is None else int(label),
+                            "" if batch.gt_label is None else int(batch.gt_label[offset]),
+                            "" if picture is None else picture.relative_to(output),
+                            "" if map_file is None else map_file.relative_to(output),
+                        ]
+                    )
                     index += 1
                 progress.update(task, completed=index)
         atomic_write_text(output / "predictions.csv", rows.getvalue())
@@ -827,7 +872,9 @@ class TiledEnsembleEngine:
         with self._run_log():
             tile_calibrations, image_calibration = self._calibrations(out)
             pixel_range = self._pixel_range(record, tile_calibrations, image_calibration)
-            predictions = self._write_outputs(record, out, tile_calibrations, image_calibration, pixel_range, None, out / "maps")
+            predictions = self._write_outputs(
+                record, out, tile_calibrations, image_calibration, pixel_range, None, out / "maps"
+            )
         shutil.rmtree(out / "split", ignore_errors=True)
         self.console.print(f"Predictions of {len(predictions)} images written to {out}")
         return predictions

@@ -140,7 +140,7 @@ def streaming_binned(cls: type[Metric]) -> type[Metric]:
     """
     if cls not in _STREAMING_CLASSES:
 
-        def update(self: Metric, batch: Any, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+        def update(self: Metric, batch: Any, *args: Any, **kwargs: Any) -> None:
             del args, kwargs
             values = [getattr(batch, name, None) for name in self.fields]
             if any(value is None for value in values):
@@ -166,13 +166,18 @@ class MetricSuite:
         pixel_range: Range of the anomaly-map values the pixel metrics will see.
     """
 
-    def __init__(self, image: Sequence[str | dict], pixel: Sequence[str | dict], pixel_range: tuple[float, float]):
+    def __init__(
+        self,
+        image: Sequence[str | dict],
+        pixel: Sequence[str | dict],
+        pixel_range: tuple[float, float],
+    ) -> None:
         self.metrics = [build_metric(s, "image", f"TrainModels.metrics.image[{i}]") for i, s in enumerate(image)]
         self.metrics += [
             build_metric(s, "pixel", f"TrainModels.metrics.pixel[{i}]", pixel_range) for i, s in enumerate(pixel)
         ]
 
-    def update(self, batch: Any) -> None:  # noqa: ANN401 - an anomalib ImageBatch
+    def update(self, batch: Any) -> None:
         """Add one batch of merged predictions with their ground truth."""
         for metric in self.metrics:
             metric.update(batch)
@@ -199,7 +204,7 @@ def write_metrics(results: dict[str, float], directory: Path) -> None:
     atomic_write_text(directory / "metrics.csv", "\n".join(rows) + "\n")
 
 
-def format_table(results: dict[str, float], title: str) -> Any:  # noqa: ANN401 - a rich Table
+def format_table(results: dict[str, float], title: str) -> Any:
     """Rich table of the metric values, for the console."""
     from rich.table import Table  # noqa: PLC0415
 
@@ -209,4 +214,3 @@ def format_table(results: dict[str, float], title: str) -> Any:  # noqa: ANN401 
     for name, value in results.items():
         table.add_row(name, f"{value:.4f}")
     return table
-

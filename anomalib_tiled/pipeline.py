@@ -22,7 +22,7 @@ class _PassThroughParser(ArgumentParser):
     :func:`main` instead, which also gives them our one-line errors.
     """
 
-    def format_help(self) -> str:  # noqa: D102
+    def format_help(self) -> str:
         return overview()
 
 

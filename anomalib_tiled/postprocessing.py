@@ -59,7 +59,7 @@ class Calibration:
         return cls(**{key: (NAN if v is None else v) for key, v in values.items()})
 
     def post_processor(self) -> PostProcessor:
-        """anomalib ``PostProcessor`` holding these statistics."""
+        """Anomalib ``PostProcessor`` holding these statistics."""
         processor = PostProcessor(enable_normalization=self.normalize)
         for name, value in (
             ("image_min", self.image_min),
@@ -72,7 +72,7 @@ class Calibration:
             getattr(processor, name).fill_(value)
         return processor
 
-    def apply(self, batch: Any, *, threshold: bool) -> None:  # noqa: ANN401 - any object with batch fields
+    def apply(self, batch: Any, *, threshold: bool) -> None:
         """Normalise ``batch.anomaly_map``/``pred_score`` in place and, if asked, set ``pred_mask``/``pred_label``.
 
         Args:
@@ -126,7 +126,7 @@ class CalibrationEstimator:
                 # A fixed threshold (ManualThreshold) learns nothing: the same value for images and pixels.
                 self.thresholds = [cls(**init_args), cls(**init_args)]
 
-    def update(self, batch: Any) -> None:  # noqa: ANN401
+    def update(self, batch: Any) -> None:
         """Add a batch of validation predictions."""
         for metric in (*self.min_max, *self.thresholds):
             if isinstance(metric, AnomalibMetric):

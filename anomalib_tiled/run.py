@@ -55,8 +55,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield Path(temporary)
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        Path(temporary).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -134,7 +133,7 @@ class RunDirectory:
             RunDirectoryError: If ``root`` is not a run, or an unfinished one.
         """
         root = Path(root)
-        if root.name == "latest" or (root / "latest").is_dir() and not (root / "manifest.json").exists():
+        if root.name == "latest" or ((root / "latest").is_dir() and not (root / "manifest.json").exists()):
             root = (root / "latest").resolve() if (root / "latest").is_dir() else root.resolve()
         run = cls(root)
         if not root.is_dir():
@@ -208,7 +207,7 @@ class RunDirectory:
         """Replace the manifest atomically."""
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
-    def update_manifest(self, **changes: Any) -> dict[str, Any]:  # noqa: ANN401
+    def update_manifest(self, **changes: Any) -> dict[str, Any]:
         """Apply top-level changes to the manifest and write it."""
         manifest = self.manifest()
         manifest.update(changes)
@@ -237,33 +236,31 @@ class RunDirectory:
         Raises:
             RunDirectoryError: Naming the first missing or truncated checkpoint.
         """
-        for tile_name, entry in self.manifest()["tiles"].items():
-            checkpoint = self.checkpoint_path(tile_name)
-            if not checkpoint.is_file():
-                msg = f"{checkpoint}: tile checkpoint is missing; retrain it with 'anomalib tiled train --resume {self.root}'"
-                raise RunDirectoryError(msg)
-            if checkpoint.stat().st_size != entry["checkpoint"]["size"]:
-                msg = (
-                    f"{checkpoint}: tile checkpoint is corrupt (its size differs from manifest.json); "
-                    f"delete it and retrain with 'anomalib tiled train --resume {self.root}'"
-                )
-                raise RunDirectoryError(msg)
+        for tile_name in self.manifest()["tiles"]:
+            self._check_checkpoint(tile_name, full=False)
 
     def verify_checkpoint(self, tile_name: str) -> Path:
-        """Path of a tile checkpoint after checking it against the manifest.
+        """Path of a tile checkpoint after checking its size and sha256 against the manifest.
 
         Raises:
             RunDirectoryError: If the checkpoint is missing or does not match its recorded digest.
         """
+        return self._check_checkpoint(tile_name, full=True)
+
+    def _check_checkpoint(self, tile_name: str, *, full: bool) -> Path:
         checkpoint = self.checkpoint_path(tile_name)
         entry = self.manifest()["tiles"].get(tile_name)
+        fix = f"retrain it with 'anomalib tiled train --resume {self.root}'"
         if not checkpoint.is_file():
-            msg = f"{checkpoint}: tile checkpoint is missing; retrain it with 'anomalib tiled train --resume {self.root}'"
+            msg = f"{checkpoint}: tile checkpoint is missing; {fix}"
             raise RunDirectoryError(msg)
-        if entry is None or file_digest(checkpoint) != entry["checkpoint"]:
+        recorded = entry["checkpoint"] if entry else None
+        if recorded is None or checkpoint.stat().st_size != recorded["size"]:
+            msg = f"{checkpoint}: tile checkpoint is corrupt (its size differs from manifest.json); delete it and {fix}"
+            raise RunDirectoryError(msg)
+        if full and file_digest(checkpoint) != recorded:
             msg = (
-                f"{checkpoint}: tile checkpoint is corrupt (size/sha256 differ from manifest.json); "
-                f"delete it and retrain with 'anomalib tiled train --resume {self.root}'"
+                f"{checkpoint}: tile checkpoint is corrupt (size/sha256 differ from manifest.json); delete it and {fix}"
             )
             raise RunDirectoryError(msg)
         return checkpoint

@@ -161,7 +161,9 @@ class TilePredictionWriter(Callback):
         stage: ``validate`` or ``predict``: the loop whose outputs are stored.
     """
 
-    def __init__(self, store: PredictionStore, position: TilePosition, count: int, fingerprint: str, stage: str) -> None:
+    def __init__(
+        self, store: PredictionStore, position: TilePosition, count: int, fingerprint: str, stage: str
+    ) -> None:
         self.store = store
         self.position = position
         self.count = count
@@ -174,7 +176,7 @@ class TilePredictionWriter(Callback):
         tile_size = (self.position.height, self.position.width)
         self.writer = self.store.open_tile(self.position.name, self.count, tile_size)
 
-    def _write(self, outputs: Any, batch: Any) -> None:  # noqa: ANN401 - anomalib batches
+    def _write(self, outputs: Any, batch: Any) -> None:
         assert self.writer is not None
         source = outputs if getattr(outputs, "anomaly_map", None) is not None else batch
         self.writer.write(getattr(source, "anomaly_map", None), getattr(source, "pred_score", None))
@@ -185,32 +187,36 @@ class TilePredictionWriter(Callback):
         self.writer = None
         self.last_written_step = trainer.global_step
 
-    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
         if self.stage == "validate" and not trainer.sanity_checking:
             self._start()
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any) -> None:  # noqa: ANN401, D102, E501
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
         del pl_module, args
         if self.stage == "validate" and not trainer.sanity_checking:
             self._write(outputs, batch)
 
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
         if self.stage == "validate" and not trainer.sanity_checking:
             self._finish(trainer)
 
-    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer, pl_module
         if self.stage == "predict":
             self._start()
 
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any) -> None:  # noqa: ANN401, D102, E501
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
         del trainer, pl_module, args
         if self.stage == "predict":
             self._write(outputs, batch)
 
-    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
         if self.stage == "predict":
             self._finish(trainer)

@@ -42,14 +42,14 @@ def to_pair(value: int | Sequence[int], name: str) -> Size:
     Raises:
         ValueError: If ``value`` is neither an int nor a pair of ints.
     """
-    if isinstance(value, bool):
-        msg = f"{name}: expected an int or [height, width], got {value!r}"
-        raise ValueError(msg)
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return (int(value[0]), int(value[1]))
+
+    def is_int(item: object) -> bool:
+        return isinstance(item, int) and not isinstance(item, bool)
+
+    if is_int(value):
+        return (int(value), int(value))  # type: ignore[arg-type]
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 and all(map(is_int, value)):
+        return (int(value[0]), int(value[1]))
     msg = f"{name}: expected an int or [height, width], got {value!r}"
     raise ValueError(msg)
 
@@ -235,8 +235,8 @@ class TileGrid:
         """Boolean ``(H, W)`` mask of the bands around every tile border inside the image.
 
         Each band is centred on a tile edge (tile starts and tile ends alike, whatever the stride) and
-        is ``width * tile`` pixels wide (at least the two pixels touching the border), ``tile`` being the tile height for
-        horizontal seams and the tile width for vertical ones.
+        is ``width * tile`` pixels wide (at least the two pixels touching the border), ``tile`` being
+        the tile height for horizontal seams and the tile width for vertical ones.
 
         Args:
             width: Band width as a fraction of the tile size.

@@ -111,7 +111,9 @@ class ModelFactory:
             kwargs["pre_processor"] = _tile_pre_processor(self.model_class, tile_size)
         kwargs["post_processor"] = False
         kwargs["visualizer"] = False
-        kwargs["evaluator"] = Evaluator(val_metrics=validation_metrics(monitored_metrics)) if monitored_metrics else False
+        kwargs["evaluator"] = (
+            Evaluator(val_metrics=validation_metrics(monitored_metrics)) if monitored_metrics else False
+        )
         try:
             return self.model_class(**kwargs)
         except Exception as error:  # noqa: BLE001 - whatever the model raises, the cause is its init args
@@ -128,7 +130,7 @@ class ModelFactory:
         return self.model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
 
 
-def _tile_pre_processor(model_class: type[AnomalibModule], tile_size: Size) -> Any:  # noqa: ANN401
+def _tile_pre_processor(model_class: type[AnomalibModule], tile_size: Size) -> Any:
     try:
         return model_class.configure_pre_processor(image_size=tile_size)
     except TypeError:
@@ -192,7 +194,8 @@ class TileCheckpoint(ModelCheckpoint):
     def save_final(self, trainer: Trainer) -> None:
         """Write the trained weights atomically (also for zero-shot models, which never train)."""
         with atomic_path(self.path) as temporary:
-            trainer.save_checkpoint(temporary)
+            # Weights, hyper-parameters and anomalib's component configs; no optimizer/loop state.
+            trainer.save_checkpoint(temporary, weights_only=True)
 
 
 class TileEngine(Engine):
@@ -202,13 +205,13 @@ class TileEngine(Engine):
     already lives inside the ensemble's run directory, so its folder is used as it is.
     """
 
-    def _setup_workspace(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+    def _setup_workspace(self, *args: Any, **kwargs: Any) -> None:
         del args, kwargs
 
 
 def trainer_arguments(trainer: dict[str, Any], accelerator: str) -> dict[str, Any]:
     """Keyword arguments of one tile's Engine: the user's trainer settings over quiet defaults."""
-    arguments = {
+    return {
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "logger": False,
@@ -216,7 +219,6 @@ def trainer_arguments(trainer: dict[str, Any], accelerator: str) -> dict[str, An
         "accelerator": "gpu" if accelerator == "cuda" else accelerator,
         "devices": 1,
     }
-    return arguments
 
 
 def fresh_callbacks(trainer: dict[str, Any]) -> list[Callback]:

@@ -69,7 +69,7 @@ class ResultVisualizer:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future] = deque()
 
-    def __enter__(self) -> ResultVisualizer:
+    def __enter__(self) -> ResultVisualizer:  # noqa: PYI034 - final in practice; Self needs Python 3.11
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="tiled-visualizer")
         return self
 

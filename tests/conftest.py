@@ -26,7 +26,7 @@ def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def base_config(dataset_root: Path, results: Path, **overrides: Any) -> dict[str, Any]:  # noqa: ANN401
+def base_config(dataset_root: Path, results: Path, **overrides: Any) -> dict[str, Any]:
     """A complete guide-format config for the synthetic dataset; ``overrides`` replace top-level keys."""
     config: dict[str, Any] = {
         "seed": 42,

@@ -130,7 +130,9 @@ def test_both_image_sizes_given_tiling_wins_with_a_warning(tmp_path: Path, caplo
     assert "using tiling.image_size" in caplog.text
 
 
-def test_both_threshold_stages_given_thresholding_stage_key_loses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_both_threshold_stages_given_thresholding_stage_key_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     both = base_config(tmp_path, tmp_path, thresholding_stage="tile")
     with caplog.at_level(logging.WARNING):
         _, cfg = config.parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
@@ -174,7 +176,10 @@ def _error(tmp_path: Path, capsys: pytest.CaptureFixture, cfg: dict, *args: str)
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"tiling": {"tile_size": 256, "image_size": 128}}, "tiling.tile_size: tile height 256 is larger than the image height 128"),
+        (
+            {"tiling": {"tile_size": 256, "image_size": 128}},
+            "tiling.tile_size: tile height 256 is larger than the image height 128",
+        ),
         ({"tiling": {"tile_size": 64, "stride": 80}}, "tiling.stride: stride 80 is larger than the tile height 64"),
         ({"tiling": {"tile_size": 64, "stride": 0}}, "tiling.stride: stride must be > 0, got 0"),
         ({"tiling": {"tile_size": 64, "stride": -8}}, "tiling.stride: stride must be > 0, got -8"),
@@ -184,13 +189,21 @@ def _error(tmp_path: Path, capsys: pytest.CaptureFixture, cfg: dict, *args: str)
         ({"thresholding": {"method": "F1AdaptiveThreshold", "stage": "images"}}, "thresholding.stage"),
         ({"thresholding": {"method": "F1AdaptiveTreshold"}}, "did you mean 'F1AdaptiveThreshold'"),
         ({"TrainModels": {"model": {"class_path": "Padm"}}}, "did you mean 'Padim'"),
-        ({"TrainModels": {"model": {"class_path": "Padim", "init_args": {"n_feature": 10}}}}, "did you mean 'n_features'"),
+        (
+            {"TrainModels": {"model": {"class_path": "Padim", "init_args": {"n_feature": 10}}}},
+            "did you mean 'n_features'",
+        ),
         (
             {"TrainModels": {"model": {"class_path": "Padim"}, "metrics": {"image": ["AUROCC"]}}},
             "TrainModels.metrics.image[0]: unknown class 'AUROCC' (did you mean 'AUROC'?)",
         ),
         (
-            {"TrainModels": {"model": {"class_path": "Padim"}, "trainer": {"callbacks": [{"class_path": "EarlyStoping"}]}}},
+            {
+                "TrainModels": {
+                    "model": {"class_path": "Padim"},
+                    "trainer": {"callbacks": [{"class_path": "EarlyStoping"}]},
+                }
+            },
             "did you mean 'EarlyStopping'",
         ),
         ({"tilng": {"tile_size": 64}}, "tilng.tile_size: unknown config key (did you mean 'tiling.tile_size'?)"),

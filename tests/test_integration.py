@@ -32,7 +32,9 @@ def test_train_writes_a_complete_run_and_metrics_above_thresholds(trained_run: P
     assert manifest["status"] == "trained"
     assert sorted(manifest["tiles"]) == ["tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1"]
     for tile in manifest["tiles"]:
-        assert (trained_run / "weights" / f"{tile}.ckpt").stat().st_size == manifest["tiles"][tile]["checkpoint"]["size"]
+        assert (trained_run / "weights" / f"{tile}.ckpt").stat().st_size == manifest["tiles"][tile]["checkpoint"][
+            "size"
+        ]
     config = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert config["tiling"]["image_size"] == [IMAGE_SIZE, IMAGE_SIZE]
     eval_dir = trained_run / "eval" / "v0"
@@ -63,7 +65,10 @@ def test_eval_can_change_post_processing_but_not_the_trained_geometry(
     trained_run: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    assert main(["eval", "--root", str(trained_run), "--normalization_stage", "none", "--visualization.save", "false"]) == 0
+    assert (
+        main(["eval", "--root", str(trained_run), "--normalization_stage", "none", "--visualization.save", "false"])
+        == 0
+    )
     latest = max((trained_run / "eval").glob("v*"), key=lambda p: int(p.name[1:]))
     assert _metrics(latest)["pixel_AUROC"] >= MIN_PIXEL_AUROC
     assert not (latest / "images").exists()
@@ -87,7 +92,9 @@ def test_predict_on_a_folder_of_unlabeled_images(trained_run: Path, dataset_root
     assert sum(row["pred_label"] == "1" for row in rows) >= len(rows) // 2
 
 
-def test_predict_accepts_a_glob_and_refuses_an_empty_match(trained_run: Path, dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_predict_accepts_a_glob_and_refuses_an_empty_match(
+    trained_run: Path, dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     pattern = str(dataset_root / CATEGORY / "test" / "good" / "00[01].png")
     assert main(["predict", "--root", str(trained_run), "--data", pattern, "--output", str(tmp_path / "p")]) == 0
     assert len((tmp_path / "p" / "predictions.csv").read_text().splitlines()) == 3
@@ -128,8 +135,17 @@ def config_smoothing() -> object:
 @pytest.mark.parametrize(
     ("model", "trainer"),
     [
-        ({"class_path": "Patchcore", "init_args": {"backbone": "resnet18", "pre_trained": False, "coreset_sampling_ratio": 0.05}}, {}),
-        ({"class_path": "Fastflow", "init_args": {"backbone": "resnet18", "pre_trained": False, "flow_steps": 2}}, {"max_epochs": 1}),
+        (
+            {
+                "class_path": "Patchcore",
+                "init_args": {"backbone": "resnet18", "pre_trained": False, "coreset_sampling_ratio": 0.05},
+            },
+            {},
+        ),
+        (
+            {"class_path": "Fastflow", "init_args": {"backbone": "resnet18", "pre_trained": False, "flow_steps": 2}},
+            {"max_epochs": 1},
+        ),
     ],
     ids=["patchcore", "fastflow"],
 )
@@ -145,7 +161,10 @@ def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_pat
     """The guide's FastFlow example: EarlyStopping monitors pixel_AUROC, which each tile model computes."""
     cfg = base_config(dataset_root, tmp_path / "results", visualization={"save": False})
     cfg["TrainModels"] = {
-        "model": {"class_path": "Fastflow", "init_args": {"backbone": "resnet18", "pre_trained": False, "flow_steps": 2}},
+        "model": {
+            "class_path": "Fastflow",
+            "init_args": {"backbone": "resnet18", "pre_trained": False, "flow_steps": 2},
+        },
         "metrics": {"pixel": "AUROC", "image": "AUROC"},
         "trainer": {
             "max_epochs": 3,
@@ -161,11 +180,17 @@ def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_pat
     assert (next((tmp_path / "results").glob("Fastflow/MVTecAD/*/v0")) / "eval" / "v0" / "metrics.json").is_file()
 
 
-def test_early_stopping_on_a_metric_no_tile_model_logs(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_early_stopping_on_a_metric_no_tile_model_logs(
+    dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = base_config(dataset_root, tmp_path / "results")
     cfg["TrainModels"] = {
         **cfg["TrainModels"],
-        "trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "pixel_AUROCC"}}]},
+        "trainer": {
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "pixel_AUROCC"}}
+            ]
+        },
     }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 2
     err = capsys.readouterr().err

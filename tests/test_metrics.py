@@ -69,7 +69,9 @@ def test_fields_follow_the_metric_kind() -> None:
 
 
 def test_unknown_metric_is_a_config_error_with_a_suggestion() -> None:
-    with pytest.raises(ConfigError, match=r"TrainModels\.metrics\.image\[0\]: unknown class 'AUROCC' \(did you mean 'AUROC'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"TrainModels\.metrics\.image\[0\]: unknown class 'AUROCC' \(did you mean 'AUROC'\?\)"
+    ):
         build_metric("AUROCC", "image", "TrainModels.metrics.image[0]")
 
 

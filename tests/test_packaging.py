@@ -28,7 +28,7 @@ needs_hatchling = pytest.mark.skipif(
 
 def _build(kind: str, directory: Path) -> Path:
     """Build a ``standard`` or ``editable`` wheel with hatchling's PEP 517 hooks, as pip would."""
-    from hatchling import build  # noqa: PLC0415 - optional test dependency
+    from hatchling import build
 
     hook = build.build_wheel if kind == "standard" else build.build_editable
     with pytest.MonkeyPatch.context() as patch:

@@ -216,7 +216,7 @@ def test_hook_registers_pipelines_once_anomalib_cli_pipelines_is_imported(hook: 
 
     module = importlib.import_module("anomalib.cli.pipelines")
 
-    assert module.PIPELINE_REGISTRY == {"benchmark": Benchmark, "tiled": TiledPipeline}
+    assert {"benchmark": Benchmark, "tiled": TiledPipeline} == module.PIPELINE_REGISTRY
     assert _finders(hook) == 0
     # The real loader is back in place: the module looks as if imported without the hook.
     assert type(module.__loader__).__name__ == "SourceFileLoader"
@@ -240,7 +240,7 @@ def test_hook_failure_warns_and_anomalib_still_imports(hook: ModuleType, monkeyp
     with pytest.warns(UserWarning, match="anomalib plugins not loaded: RuntimeError: registry on fire"):
         module = importlib.import_module("anomalib.cli.pipelines")
 
-    assert module.PIPELINE_REGISTRY == {"benchmark": Benchmark}
+    assert {"benchmark": Benchmark} == module.PIPELINE_REGISTRY
 
 
 def test_hook_without_anomalib_tiled_warns_and_anomalib_still_imports(
@@ -251,7 +251,7 @@ def test_hook_without_anomalib_tiled_warns_and_anomalib_still_imports(
     with pytest.warns(UserWarning, match="anomalib plugins not loaded: .*reinstall anomalib-tiled"):
         module = importlib.import_module("anomalib.cli.pipelines")
 
-    assert module.PIPELINE_REGISTRY == {"benchmark": Benchmark}
+    assert {"benchmark": Benchmark} == module.PIPELINE_REGISTRY
     assert _finders(hook) == 0
 
 

@@ -37,7 +37,9 @@ def test_estimator_learns_min_max_and_a_separating_threshold() -> None:
     assert calibration.pixel_min == pytest.approx(float(batch.anomaly_map.min()))
     assert calibration.pixel_max == pytest.approx(float(batch.anomaly_map.max()))
     normal, anomalous = batch.gt_mask.flatten(1).any(1).logical_not(), batch.gt_mask.flatten(1).any(1)
-    assert float(batch.pred_score[normal].max()) < calibration.image_threshold <= float(batch.pred_score[anomalous].min())
+    assert (
+        float(batch.pred_score[normal].max()) < calibration.image_threshold <= float(batch.pred_score[anomalous].min())
+    )
     assert float(batch.anomaly_map[~batch.gt_mask].max()) < calibration.pixel_threshold
     assert calibration.pixel_threshold <= float(batch.anomaly_map[batch.gt_mask].min())
 
@@ -49,8 +51,8 @@ def test_normalisation_is_anomalib_post_processors() -> None:
     reference = PostProcessor()
     for name, value in (("image_min", 1.0), ("image_max", 5.5), ("pixel_min", 0.5), ("pixel_max", 6.0)):
         getattr(reference, name).fill_(value)
-    reference._image_threshold.fill_(3.0)  # noqa: SLF001 - seeding the reference with the same stats
-    reference._pixel_threshold.fill_(2.5)  # noqa: SLF001
+    reference._image_threshold.fill_(3.0)
+    reference._pixel_threshold.fill_(2.5)
     raw = _validation()
     expected = ImageBatch(image=torch.zeros(8, 3, 16, 16), anomaly_map=raw.anomaly_map, pred_score=raw.pred_score)
     reference.post_process_batch(expected)
@@ -69,7 +71,9 @@ def test_without_normalisation_raw_values_meet_raw_thresholds() -> None:
 
 
 def test_manual_threshold_is_taken_as_given() -> None:
-    estimator = CalibrationEstimator({"class_path": "ManualThreshold", "init_args": {"default_value": 0.7}}, False, (0, 1))
+    estimator = CalibrationEstimator(
+        {"class_path": "ManualThreshold", "init_args": {"default_value": 0.7}}, False, (0, 1)
+    )
     estimator.update(_validation())
     calibration = estimator.compute()
     assert calibration.image_threshold == pytest.approx(0.7)
@@ -92,7 +96,10 @@ def test_calibration_round_trips_through_json_values() -> None:
 
 def test_tile_stage_thresholds_merge_by_vote_and_any() -> None:
     grid = TileGrid.create((4, 6), (4, 4), 2)  # two tiles overlapping in columns 2..3
-    calibrations = [Calibration(image_threshold=0.5, pixel_threshold=0.5), Calibration(image_threshold=2.0, pixel_threshold=2.0)]
+    calibrations = [
+        Calibration(image_threshold=0.5, pixel_threshold=0.5),
+        Calibration(image_threshold=2.0, pixel_threshold=2.0),
+    ]
     maps = torch.ones(1, 2, 4, 4)
     scores = torch.tensor([[1.0, 1.0]])
     tile_maps, tile_scores, masks, labels = apply_to_tiles(calibrations, maps, scores, threshold=True)

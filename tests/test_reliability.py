@@ -30,7 +30,7 @@ class PauseAfterFit(Callback):
     def __init__(self, seconds: float = 2.0) -> None:
         self.seconds = seconds
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del trainer, pl_module
         time.sleep(self.seconds)
 
@@ -85,7 +85,9 @@ def test_corrupt_image_is_named(dataset_root: Path, tmp_path: Path, capsys: pyte
     _assert_nothing_complete(tmp_path / "results")
 
 
-def test_mask_of_the_wrong_size_names_both_files(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_mask_of_the_wrong_size_names_both_files(
+    dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = _copy_dataset(dataset_root, tmp_path)
     mask = data / CATEGORY / "ground_truth" / "blob" / "001_mask.png"
     Image.open(mask).resize((IMAGE_SIZE // 2, IMAGE_SIZE // 2)).save(mask)
@@ -102,7 +104,9 @@ def test_test_split_without_anomalies_when_auroc_is_requested(tmp_path: Path, ca
     assert not (tmp_path / "results").exists()
 
 
-def test_image_normalisation_without_validation_split(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_image_normalisation_without_validation_split(
+    dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     cfg = base_config(dataset_root, tmp_path / "results")
     cfg["data"]["init_args"]["val_split_mode"] = "none"
     status, line = _fail(tmp_path, capsys, cfg)
@@ -110,10 +114,15 @@ def test_image_normalisation_without_validation_split(dataset_root: Path, tmp_pa
     assert not (tmp_path / "results").exists()
 
 
-def test_without_validation_split_a_manual_threshold_and_no_normalisation_work(dataset_root: Path, tmp_path: Path) -> None:
+def test_without_validation_split_a_manual_threshold_and_no_normalisation_work(
+    dataset_root: Path, tmp_path: Path
+) -> None:
     cfg = base_config(dataset_root, tmp_path / "results", normalization_stage="none", visualization={"save": False})
     cfg["data"]["init_args"]["val_split_mode"] = "none"
-    cfg["thresholding"] = {"method": {"class_path": "ManualThreshold", "init_args": {"default_value": 3.0}}, "stage": "image"}
+    cfg["thresholding"] = {
+        "method": {"class_path": "ManualThreshold", "init_args": {"default_value": 3.0}},
+        "stage": "image",
+    }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
 
 
@@ -134,7 +143,9 @@ def test_init_args_the_model_rejects(dataset_root: Path, tmp_path: Path, capsys:
 
 def test_model_post_processor_is_refused(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg = base_config(dataset_root, tmp_path / "results")
-    cfg["TrainModels"]["model"]["init_args"]["post_processor"] = {"class_path": "anomalib.post_processing.PostProcessor"}
+    cfg["TrainModels"]["model"]["init_args"]["post_processor"] = {
+        "class_path": "anomalib.post_processing.PostProcessor"
+    }
     status, line = _fail(tmp_path, capsys, cfg)
     assert status == 2 and "post_processor: not supported in a tiled ensemble" in line
 
@@ -201,7 +212,9 @@ class _Exploit:
         return (Path.write_text, (self.marker, "pwned"))
 
 
-def test_checkpoints_are_loaded_without_running_pickled_code(run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_checkpoints_are_loaded_without_running_pickled_code(
+    run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from anomalib_tiled.run import RunDirectory, file_digest
 
     marker = tmp_path / "marker"
@@ -230,11 +243,13 @@ def test_sigint_during_training_keeps_finished_tiles_and_resume_matches_an_unint
     cfg = base_config(dataset_root, tmp_path / "results")
     cfg["TrainModels"] = {
         **cfg["TrainModels"],
-        "trainer": {"callbacks": [{"class_path": "tests.test_reliability.PauseAfterFit", "init_args": {"seconds": 3.0}}]},
+        "trainer": {
+            "callbacks": [{"class_path": "tests.test_reliability.PauseAfterFit", "init_args": {"seconds": 3.0}}]
+        },
     }
     config = write_config(tmp_path / "c.yaml", cfg)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen(  # noqa: S603 - our own CLI
+    process = subprocess.Popen(
         [sys.executable, "-m", "anomalib_tiled", "train", "--config", str(config)],
         env=env,
         stdout=subprocess.PIPE,
