@@ -9,6 +9,7 @@ they are parsed here, so the three entry points share one parser and one error f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -103,8 +104,12 @@ def _run(command: str, options: list[str]) -> int:
     _quiet_libraries()  # after the imports: importing Lightning resets its loggers to INFO
     _, cfg = config.parse_args(command, options)
     if command == "predict":
-        engine = TiledEnsembleEngine.from_run(cfg.root)
-        engine.settings.visualization = config.VisualizationConfig(**config._plain(cfg.visualization))  # noqa: SLF001
+        from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
+
+        run_settings, _, _ = config.load_run_config(RunDirectory.open(cfg.root))
+        changes = {key: value for key, value in vars(cfg.visualization).items() if value is not None}
+        visualization = dataclasses.replace(run_settings.visualization, **changes)
+        engine = TiledEnsembleEngine.from_run(cfg.root, dataclasses.replace(run_settings, visualization=visualization))
         engine.predict(cfg.data, cfg.output)
         return 0
     settings = config.settings_from_namespace(cfg)

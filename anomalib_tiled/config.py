@@ -346,6 +346,16 @@ def threshold_class(method: str | dict) -> type:
         )
         raise ConfigError(msg)
     check_init_args(cls, init_args, "thresholding.method")
+    # Threshold classes take **kwargs: build one now so a misspelled argument fails before training.
+    from anomalib.metrics import AnomalibMetric  # noqa: PLC0415
+
+    fields = {"fields": ["pred_score", "gt_label"]} if issubclass(cls, AnomalibMetric) else {}
+    try:
+        cls(**fields, **init_args)
+    except Exception as error:  # noqa: BLE001 - whatever the class raises, the cause is its init args
+        detail = " ".join(str(error).split())
+        msg = f"thresholding.method: {cls.__name__} cannot be built with {init_args}: {detail}"
+        raise ConfigError(msg) from None
     return cls
 
 
@@ -620,10 +630,16 @@ def condense_parser_error(message: str, parser: ArgumentParser | None = None) ->
     """
     key = _failing_key(message)
     owner = key or "config"
-    yaml_error = re.search(r"line (\d+), column (\d+)", message)
-    if "Problems parsing config" in message or (yaml_error and "expected" in message):
-        reason = message.strip().splitlines()[-1].strip()
-        where = f" at line {yaml_error.group(1)}, column {yaml_error.group(2)}" if yaml_error else ""
+    positions = re.findall(r"line (\d+), column (\d+)", message)
+    if "Problems parsing config" in message:
+        # PyYAML: unindented lines are reasons; indented ones are positions and the offending text.
+        reasons = [
+            raw.removeprefix("Problems parsing config:").strip()
+            for raw in message.splitlines()
+            if raw.strip() and not raw[:1].isspace()
+        ]
+        reason = reasons[-1] if reasons else "invalid YAML"
+        where = f" at line {positions[-1][0]}, column {positions[-1][1]}" if positions else ""
         return f"config file: YAML syntax error{where}: {reason}; fix the YAML"
     class_problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*-|\Z)", message, re.DOTALL)
     if class_problem:
@@ -742,7 +758,10 @@ def build_parser(command: str) -> ArgumentParser:
         parser.add_argument(
             "--output", type=Path | None, default=None, help="Output folder (default: <root>/predict/vN)."
         )
-        parser.add_dataclass_arguments(VisualizationConfig, "visualization")
+        # Unset options keep the run's own visualization settings.
+        parser.add_argument("--visualization.save", type=bool | None, default=None, help="Write result pictures.")
+        parser.add_argument("--visualization.max_side", type=int | None, default=None, help="Longest picture side.")
+        parser.add_argument("--visualization.grid", type=bool | None, default=None, help="Draw the tile grid.")
         parser.add_argument("--verbose", type=bool, default=False, help="Print full tracebacks.")
         return parser
     if command == "eval":
@@ -824,7 +843,7 @@ def parse_args(command: str, args: list[str]) -> tuple[ArgumentParser, Namespace
     if command == "eval" and (root := _argument(args, "--root")) is not None:
         args = ["--config", str(RunDirectory.open(root).config_path), *args]
     if command == "train" and (root := _argument(args, "--resume")) is not None:
-        args = ["--config", str(RunDirectory.open(root, require_trained=False).config_path), *args]
+        args = ["--config", str(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
     try:
         return parser, parser.parse_args(args)
     except ArgumentError as error:

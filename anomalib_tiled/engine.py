@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -210,9 +211,10 @@ class TiledEnsembleEngine:
 
         Raises:
             RunDirectoryError: If ``root`` is not a finished run.
+            ConfigError: If ``settings`` change what the run was trained with (tiling, seed, blending).
         """
         run = RunDirectory.open(root)
-        run_settings, model_spec, _ = config_module.load_run_config(run)
+        run_settings, model_spec = _trained_with(run, settings, "settings")
         engine = cls.from_settings(settings or run_settings)
         engine.run = run
         engine.factory = ModelFactory.from_spec(model_spec)
@@ -278,9 +280,9 @@ class TiledEnsembleEngine:
         if self.settings.needs_validation_split and "val" not in splits:
             msg = (
                 "data.init_args.val_split_mode: the data has no validation split, but "
-                f"normalization_stage '{self.settings.normalization_stage.value}' / thresholding "
-                "'F1AdaptiveThreshold' learn from validation predictions; set val_split_mode to same_as_test, "
-                "from_test or from_train, or use normalization_stage: none with ManualThreshold"
+                f"normalization_stage '{self.settings.normalization_stage.value}' and thresholding.method "
+                f"{self.settings.thresholding.method!r} learn from validation predictions; set val_split_mode to "
+                "same_as_test, from_test or from_train, or use normalization_stage: none with ManualThreshold"
             )
             raise ConfigError(msg)
         if monitored and "val" not in splits:
@@ -302,7 +304,7 @@ class TiledEnsembleEngine:
         release()
 
         if resume is not None:
-            self.run = RunDirectory.open(resume, require_trained=False)
+            self.run = RunDirectory.open(resume, require_trained=False, option="--resume")
             self._check_resume_settings()
             self.run.update_manifest(status=RunStatus.TRAINING)
         else:
@@ -319,11 +321,21 @@ class TiledEnsembleEngine:
             )
             atomic_write_text(self.run.config_path, config_module.dump_config(config))
         self.console.print(f"Run directory: {self.run.root}")
+        logger.info(
+            "Training %s on %d tile positions (%s), splits: %s.",
+            self.factory.name,
+            len(self.grid),
+            self.grid,
+            {name: len(dataset) for name, dataset in splits.items()},
+        )
         with self._run_log(), self._interruptible():
             try:
                 records, caches = self._cache_splits(splits, with_test=evaluate)
                 self._train_tiles(records, caches, monitored, datamodule)
                 stats = self._calibrate(records.get("val"))
+                logger.info(
+                    "Statistics learned on validation: %s", json.dumps({"tile": stats["tile"], "image": stats["image"]})
+                )
                 atomic_write_text(self.run.stats_path, json.dumps(stats, indent=2) + "\n")
                 self._drop_caches()
                 self.run.update_manifest(
@@ -379,12 +391,7 @@ class TiledEnsembleEngine:
 
     def _check_resume_settings(self) -> None:
         assert self.run is not None
-        run_settings, model_spec, _ = config_module.load_run_config(self.run)
-        if run_settings.grid != self.grid:
-            msg = (
-                f"--resume: the run was trained with {run_settings.grid}, not {self.grid}; resume with the run's config"
-            )
-            raise ConfigError(msg)
+        _, model_spec = _trained_with(self.run, self.settings, "--resume")
         assert self.factory is not None
         if ModelFactory.from_spec(model_spec).name != self.factory.name:
             msg = f"--resume: the run trains {ModelFactory.from_spec(model_spec).name}, not {self.factory.name}"
@@ -401,15 +408,11 @@ class TiledEnsembleEngine:
         wanted = [name for name in ("train", "val", "test") if name in splits and (name != "test" or with_test)]
         for name in wanted:
             source = DatasetSource(splits[name])
-            if name == "test" and "val" in records and records["val"].image_paths == source.image_paths:
-                records[name] = SplitRecord(
-                    self.run.split_dir(name),
-                    records["val"].image_paths,
-                    records["val"].mask_paths,
-                    records["val"].labels,
-                    records["val"].has_masks,
-                )
-                _link_split(records["val"], records[name])
+            same_as_val = "val" in records and records["val"].fingerprint == split_fingerprint(
+                source.image_paths, source.labels
+            )
+            if name == "test" and same_as_val:
+                records[name] = _link_split(records["val"], self.run.split_dir(name))
                 caches[name] = caches["val"]
                 continue
             cache_file = self.run.root / "cache" / f"{name}.images.npy"
@@ -426,6 +429,7 @@ class TiledEnsembleEngine:
                     progress=lambda done, task=task: progress.update(task, completed=done),
                 )
             caches[name] = NpyFile(cache_file)
+            logger.info("%s split: %d images decoded once into %s.", name, len(records[name]), cache_file)
         return records, caches
 
     def _drop_caches(self) -> None:
@@ -484,6 +488,7 @@ class TiledEnsembleEngine:
     ) -> None:
         assert self.run is not None
         assert self.factory is not None
+        started = time.perf_counter()
         seed = self.settings.seed
         seed_tile(seed)
         model = self.factory.build((position.height, position.width), monitored)
@@ -527,6 +532,13 @@ class TiledEnsembleEngine:
         if "test" in writers:
             predict_tile(engine, model, loaders["test"])
         self.run.record_tile(position.name, {"checkpoint": file_digest(checkpoint.path)})
+        logger.info(
+            "%s trained in %.1f s (%d training tiles, checkpoint %.1f MB).",
+            position.name,
+            time.perf_counter() - started,
+            len(records["train"]),
+            checkpoint.path.stat().st_size / 2**20,
+        )
 
     def _store(self, fingerprint: str) -> PredictionStore:
         """Tile predictions are stored by split content, so identical splits (test = val) share them."""
@@ -674,6 +686,7 @@ class TiledEnsembleEngine:
             self._write_outputs(record, output, tile_calibrations, image_calibration, pixel_range, suite)
             results = suite.compute()
             write_metrics(results, output)
+            logger.info("Evaluation of %d images written to %s: %s", len(record), output, results)
         manifest = run.manifest()
         manifest.setdefault("evaluations", []).append({"dir": str(output.relative_to(run.root)), "metrics": results})
         run.write_manifest(manifest)
@@ -730,8 +743,13 @@ class TiledEnsembleEngine:
         assert self.factory is not None
         fingerprint = split_fingerprint(source.image_paths, source.labels)
         missing = self._missing_tiles(fingerprint)
-        if not missing and self._recorded_fingerprint(directory) == fingerprint:
-            return SplitRecord.load(directory)
+        if not missing:
+            if self._recorded_fingerprint(directory) == fingerprint:
+                return SplitRecord.load(directory)
+            # Same images recorded under another split (test = validation): no need to decode again.
+            for recorded in sorted((run.root / "splits").iterdir()):
+                if recorded != directory and self._recorded_fingerprint(recorded) == fingerprint:
+                    return _link_split(SplitRecord.load(recorded), directory)
         cache_file = run.root / "cache" / f"{fingerprint}.images.npy" if missing else None
         with self._progress() as progress:
             task = progress.add_task("Decoding images", total=len(source))
@@ -876,6 +894,9 @@ class TiledEnsembleEngine:
                 record, out, tile_calibrations, image_calibration, pixel_range, None, out / "maps"
             )
         shutil.rmtree(out / "split", ignore_errors=True)
+        if record.fingerprint not in run.manifest().get("splits", {}).values():
+            # Outputs hold everything; the tile predictions of unlabeled images need not stay in the run.
+            shutil.rmtree(self._store(record.fingerprint).directory, ignore_errors=True)
         self.console.print(f"Predictions of {len(predictions)} images written to {out}")
         return predictions
 
@@ -924,6 +945,25 @@ class TiledEnsembleEngine:
             handler.close()
 
 
+def _trained_with(run: RunDirectory, settings: EnsembleSettings | None, option: str) -> tuple[EnsembleSettings, dict]:
+    """The run's own settings and model spec, after checking ``settings`` keep what training fixed.
+
+    Raises:
+        ConfigError: If ``settings`` change the tiling, the seed or the blending of the run.
+    """
+    run_settings, model_spec, _ = config_module.load_run_config(run)
+    if settings is not None:
+        for name, trained, given in (
+            ("tiling", run_settings.grid, settings.grid),
+            ("seed", run_settings.seed, settings.seed),
+            ("merge.blending", run_settings.merge.blending, settings.merge.blending),
+        ):
+            if trained != given:
+                msg = f"{option}: the run was trained with {name} {trained}, not {given}; keep the run's {name}"
+                raise ConfigError(msg)
+    return run_settings, model_spec
+
+
 def _calibration_key(settings: EnsembleSettings) -> str:
     return json.dumps(
         {
@@ -963,15 +1003,16 @@ def _tile_batches(store: PredictionStore, record: SplitRecord, position: TilePos
         yield batch
 
 
-def _link_split(source: SplitRecord, target: SplitRecord) -> None:
-    """Record a split that holds the same images as another (test = validation)."""
-    target.directory.mkdir(parents=True, exist_ok=True)
+def _link_split(source: SplitRecord, directory: Path) -> SplitRecord:
+    """Record, in ``directory``, a split that holds the same images as ``source`` (test = validation)."""
+    directory.mkdir(parents=True, exist_ok=True)
     if source.has_masks:
-        masks = target.directory / "masks.npy"
-        if masks.exists() or masks.is_symlink():
-            masks.unlink()
+        masks = directory / "masks.npy"
+        masks.unlink(missing_ok=True)
         os.link(source.directory / "masks.npy", masks)
-    target.save()
+    record = SplitRecord(directory, source.image_paths, source.mask_paths, source.labels, source.has_masks)
+    record.save()
+    return record
 
 
 def _check_metric_inputs(labels: Sequence[int], metrics: MetricsConfig) -> None:

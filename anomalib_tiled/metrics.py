@@ -29,8 +29,8 @@ from anomalib_tiled.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-PIXEL_BINS = 8192
-"""Thresholds of binned pixel curves: AUROC differs from the exact value by ~1e-4 at most."""
+PIXEL_BINS = 32768
+"""Thresholds of binned pixel curves (AUROC within a few 1e-4 of the exact value on real data)."""
 
 _FIELDS = {
     ("image", "score"): ["pred_score", "gt_label"],

@@ -8,7 +8,11 @@ A run lives in ``<default_root_dir>/<Model>/<Dataset>/<category>/vN`` (anomalib'
       manifest.json         run state: per-tile checkpoints (size + sha256), status, evaluations
       weights/<tile>.ckpt   one Lightning checkpoint per tile position
       splits/<split>/       image paths, labels and masks of each split at the tiled image size
-      predictions/<split>/  raw tile predictions (``.npy``), streamed to disk
+                            (``splits/<fingerprint>/`` for test sets evaluated later)
+      predictions/<fp>/     raw tile predictions (``.npy``) per split content fingerprint, streamed
+                            to disk; identical splits (test = validation) share them
+      tiles/<tile>/         the tile's Lightning working folder (loggers write there)
+      cache/                decoded images while training or predicting (removed afterwards)
       stats.json            normalisation / threshold statistics learned on validation
       eval/vN/              one folder per evaluation: metrics, predictions.csv, images/
       predict/vN/           one folder per ``predict`` call
@@ -126,29 +130,37 @@ class RunDirectory:
         return run
 
     @classmethod
-    def open(cls, root: Path | str, *, require_trained: bool = True) -> RunDirectory:
+    def open(cls, root: Path | str, *, require_trained: bool = True, option: str = "--root") -> RunDirectory:
         """Open an existing run, checking it is one and (by default) that training finished.
+
+        Args:
+            root: The run's ``vN`` folder, or the folder holding its ``latest`` link.
+            require_trained: Also require a finished run with intact checkpoints.
+            option: Command-line option named in error messages.
 
         Raises:
             RunDirectoryError: If ``root`` is not a run, or an unfinished one.
         """
+        if not str(root).strip():
+            msg = f"{option}: empty path; pass the run directory printed by 'anomalib tiled train'"
+            raise RunDirectoryError(msg)
         root = Path(root)
         if root.name == "latest" or ((root / "latest").is_dir() and not (root / "manifest.json").exists()):
             root = (root / "latest").resolve() if (root / "latest").is_dir() else root.resolve()
         run = cls(root)
         if not root.is_dir():
-            msg = f"--root: {root} does not exist; pass the run directory printed by 'anomalib tiled train'"
+            msg = f"{option}: {root} does not exist; pass the run directory printed by 'anomalib tiled train'"
             raise RunDirectoryError(msg)
         if not run.manifest_path.is_file() or not run.config_path.is_file():
             msg = (
-                f"--root: {root} is not a tiled-ensemble run (no manifest.json/config.yaml); "
+                f"{option}: {root} is not a tiled-ensemble run (no manifest.json/config.yaml); "
                 "pass the vN directory printed by 'anomalib tiled train'"
             )
             raise RunDirectoryError(msg)
         if require_trained:
             if run.manifest()["status"] != RunStatus.TRAINED:
                 msg = (
-                    f"--root: the run in {root} is unfinished (status: {run.manifest()['status']}); "
+                    f"{option}: the run in {root} is unfinished (status: {run.manifest()['status']}); "
                     f"finish it with 'anomalib tiled train --resume {root}'"
                 )
                 raise RunDirectoryError(msg)

@@ -29,7 +29,7 @@ class PredictionStore:
     """Tile predictions of one split.
 
     Args:
-        directory: ``predictions/<split>`` in the run.
+        directory: ``predictions/<split fingerprint>`` in the run.
     """
 
     def __init__(self, directory: Path) -> None:

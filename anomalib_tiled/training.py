@@ -217,7 +217,8 @@ def trainer_arguments(trainer: dict[str, Any], accelerator: str) -> dict[str, An
         "logger": False,
         **{k: v for k, v in trainer.items() if k != "callbacks"},
         "accelerator": "gpu" if accelerator == "cuda" else accelerator,
-        "devices": 1,
+        # One device per tile model; a single device index ([1]) is honoured, "auto" means one.
+        "devices": trainer.get("devices") if isinstance(trainer.get("devices"), list) else 1,
     }
 
 
@@ -239,8 +240,9 @@ def fresh_callbacks(trainer: dict[str, Any]) -> list[Callback]:
         check_init_args(cls, init_args, f"TrainModels.trainer.callbacks[{index}]")
         try:
             callbacks.append(cls(**init_args))
-        except (TypeError, ValueError) as error:
-            msg = f"TrainModels.trainer.callbacks[{index}]: {cls.__name__} rejected its arguments: {error}"
+        except Exception as error:  # noqa: BLE001 - Lightning raises its own exception types for bad arguments
+            detail = " ".join(str(error).split())
+            msg = f"TrainModels.trainer.callbacks[{index}]: {cls.__name__} rejected its arguments: {detail}"
             raise ConfigError(msg) from None
     return callbacks
 

@@ -209,6 +209,23 @@ def _error(tmp_path: Path, capsys: pytest.CaptureFixture, cfg: dict, *args: str)
         ({"tilng": {"tile_size": 64}}, "tilng.tile_size: unknown config key (did you mean 'tiling.tile_size'?)"),
         ({"TrainModels": {"model": {"class_path": "Padim"}, "trainer": {"max_epoch": 3}}}, "did you mean 'max_epochs'"),
         ({"accelerator": "tpu"}, "accelerator: unknown value 'tpu'"),
+        (
+            {"thresholding": {"method": {"class_path": "ManualThreshold", "init_args": {"value": 0.5}}}},
+            "thresholding.method: ManualThreshold cannot be built with {'value': 0.5}",
+        ),
+        (
+            {
+                "TrainModels": {
+                    "model": {"class_path": "Padim"},
+                    "trainer": {
+                        "callbacks": [
+                            {"class_path": "EarlyStopping", "init_args": {"monitor": "pixel_AUROC", "mode": "maxx"}},
+                        ],
+                    },
+                },
+            },
+            "TrainModels.trainer.callbacks[0]: EarlyStopping rejected its arguments",
+        ),
     ],
 )
 def test_invalid_config_gives_one_line_and_exit_2(
@@ -232,7 +249,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path, capsys: pytest.Capture
     path.write_text("seed: 42\ntiling:\n  tile_size: [64, 64\n  stride: 64\n", encoding="utf-8")
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "YAML syntax error at line" in err and len(err.splitlines()) == 1
+    assert "YAML syntax error at line 4, column 9: expected ',' or ']'" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_unknown_override_suggests_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -313,3 +313,27 @@ def test_a_failing_stage_stops_the_run_and_marks_it_failed(
     assert json.loads((run / "manifest.json").read_text())["status"] == "failed"
     assert "merge exploded" in (run / "run.log").read_text()  # the traceback is in the run's log
     _assert_nothing_complete(tmp_path / "results")
+
+
+def test_resume_of_a_missing_run_names_the_option(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--resume", str(tmp_path / "gone")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --resume: {tmp_path / 'gone'} does not exist")
+
+
+def test_predict_keeps_the_runs_visualization_settings_unless_overridden(
+    run_copy: Path,
+    dataset_root: Path,
+    tmp_path: Path,
+) -> None:
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("save: true", "save: false"))
+    images = str(dataset_root / CATEGORY / "test" / "good")
+    assert main(["predict", "--root", str(run_copy), "--data", images, "--output", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "images").exists()
+    override = ["--visualization.save", "true"]
+    assert main(["predict", "--root", str(run_copy), "--data", images, "--output", str(tmp_path / "b"), *override]) == 0
+    assert len(list((tmp_path / "b" / "images").glob("*.png"))) == 4
+    # Tile predictions of unlabeled images are not kept in the run.
+    kept = {p.name for p in (run_copy / "predictions").iterdir()}
+    trained = set(json.loads((run_copy / "manifest.json").read_text())["splits"].values())
+    assert kept <= trained
