@@ -1,0 +1,234 @@
+"""The benchmark harness (benchmarks/): data building, memory sampling, verification, report.
+
+The end-to-end test runs both sides of scenario 1 of ``--quick`` on tiny synthetic images (about
+two minutes on 2 cores) and checks only that both produced numbers, never how fast they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare_upstream
+from benchmarks.datasets import allocate, build_subset, make_synthetic, spread
+from benchmarks.procmon import run_monitored
+from benchmarks.report import Scenario, evaluate_targets, render_markdown
+from benchmarks.sides import Launcher, SideResult, Workload, run_upstream
+
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Category folder of a tiny synthetic dataset: 6 train, 3 good + 2x2 anomalous test images."""
+    return make_synthetic(
+        tmp_path_factory.mktemp("synthetic"), size=128, n_train=6, n_test_good=3, n_test_defect=2, seed=0
+    )
+
+
+def test_spread_and_allocate_are_deterministic_and_proportional() -> None:
+    items = [Path(f"{i:03d}.png") for i in range(10)]
+    assert spread(items, 3) == [items[0], items[4], items[9]]
+    assert spread(items, 20) == items
+    assert allocate({"good": 20, "broken_large": 20, "broken_small": 22, "contamination": 21}, 45) == {
+        "good": 11,
+        "broken_large": 11,
+        "broken_small": 12,
+        "contamination": 11,
+    }
+
+
+def test_subset_with_copies_is_a_valid_mvtec_layout(synthetic: Path, tmp_path: Path) -> None:
+    from anomalib.data.datasets.image.mvtecad import make_mvtec_ad_dataset
+
+    summary = build_subset(synthetic, tmp_path / "data", n_train=4, n_test=5, test_copies=2)
+    assert (summary.n_train, summary.n_test) == (4, 10)
+    samples = make_mvtec_ad_dataset(summary.root / summary.category)
+    test = samples[samples.split == "test"]
+    assert len(samples[samples.split == "train"]) == 4
+    assert len(test) == 10
+    assert test.image_path.nunique() == 10
+    anomalous = test[test.label_index == 1]
+    assert len(anomalous) == summary.n_test_anomalous > 0
+    # make_mvtec_ad_dataset pairs masks by sort order and checks the names; each copy keeps its own mask.
+    assert all(
+        Path(image).stem in Path(mask).stem
+        for image, mask in zip(anomalous.image_path, anomalous.mask_path, strict=True)
+    )
+
+
+def test_run_monitored_sums_rss_over_descendants(tmp_path: Path) -> None:
+    # The grandchild holds ~300 MB; the sampled tree peak must include it, the main process must not.
+    script = textwrap.dedent(
+        """
+        import subprocess, sys
+        subprocess.run([sys.executable, "-c", "b = bytearray(300 * 2**20); import time; time.sleep(1.0)"], check=True)
+        """,
+    )
+    run = run_monitored([sys.executable, "-c", script], tmp_path / "log", interval=0.05, pss_interval=0.2)
+    assert run.returncode == 0
+    assert run.peak_tree_rss >= 300 * 2**20
+    assert run.peak_main_rss < 300 * 2**20
+    assert run.peak_tree_pss is not None
+    assert run.peak_tree_pss >= 300 * 2**20
+    assert run.samples > 5
+
+
+def test_run_monitored_kills_on_timeout(tmp_path: Path) -> None:
+    run = run_monitored(
+        [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log", interval=0.05, timeout=0.5
+    )
+    assert run.timed_out
+    assert run.wall_s < 30
+
+
+def _side(side: str, wall: float, rss: float, image: float, pixel: float) -> SideResult:
+    return SideResult(
+        side,
+        ok=True,
+        wall_s=wall,
+        stages={"train": wall * 0.7, "eval": wall * 0.3},
+        peak_tree_rss=int(rss * GIB),
+        peak_main_rss=int(rss * GIB),
+        metrics={"image_AUROC": image, "image_F1Score": 0.9, "pixel_AUROC": pixel, "pixel_F1Score": 0.5},
+    )
+
+
+def test_targets_and_markdown() -> None:
+    one = Scenario(
+        "1",
+        "2x2 tiles",
+        "details",
+        {"ours": _side("ours", 60, 1.0, 0.99, 0.97), "upstream": _side("upstream", 360, 3.5, 0.99, 0.975)},
+    )
+    two = Scenario(
+        "2",
+        "3x3 tiles",
+        "details",
+        {"ours": _side("ours", 200, 1.0, 0.99, 0.96), "upstream": _side("upstream", 600, 4.0, 0.99, 0.975)},
+    )
+    scaling = [
+        Scenario(
+            f"3-x{k}",
+            "memory scaling",
+            "details",
+            {"ours": _side("ours", 60 * k, 1.0 + 0.02 * k, 0.99, 0.97)},
+            copies=k,
+            n_test=45 * k,
+        )
+        for k in (1, 2, 4)
+    ]
+    for scenario in scaling:
+        scenario.skipped["upstream"] = "not run"
+    targets = evaluate_targets([one, two, *scaling])
+
+    def status(prefix: str, scenario: str) -> str:
+        (row,) = [t for t in targets if t["target"].startswith(prefix) and t["scenario"] == scenario]
+        return row["status"]
+
+    assert status("end-to-end wall time", "1") == "met"  # 60 s vs 360 s
+    assert status("end-to-end wall time", "2") == "not met"  # 200 s vs 600 s
+    assert status("peak RSS ours <=", "1") == "met"
+    assert status("peak RSS ours flat", "3") == "met"  # +4 % and +6 % vs x1
+    assert status("pixel_AUROC", "1") == "met"  # -0.005
+    assert status("pixel_AUROC", "2") == "not met"  # -0.015
+    machine = {
+        "date": "today",
+        "commit": None,
+        "cpu": "cpu",
+        "logical_cores": 2,
+        "physical_cores": 1,
+        "ram_gib": 24,
+        "os": "linux",
+        "load_average_at_start": [0, 0, 0],
+        "python": "3",
+        "versions": {"anomalib": "2.7.0"},
+    }
+    settings = {
+        "mode": "subset",
+        "data": "d",
+        "model": "m",
+        "seed": 42,
+        "batch_size": 32,
+        "num_workers": 2,
+        "accelerator": "cpu",
+        "ours_mode": "split",
+        "pass_init_args": True,
+    }
+    markdown = render_markdown(machine, settings, [one, two, *scaling], targets)
+    assert "| End-to-end wall time | 60.0 s | 360.0 s | 0.17 |" in markdown
+    assert "| x4 | 180 | 1.08 GiB | +5.9% |" in markdown
+
+
+def test_upstream_failure_is_detected_although_it_exits_0(synthetic: Path, tmp_path: Path) -> None:
+    # Without the init_args workaround every upstream stage fails; upstream logs that and exits 0.
+    workload = Workload(
+        data_root=synthetic.parent,
+        category=synthetic.name,
+        image_size=128,
+        tile_size=64,
+        stride=64,
+        model=compare_upstream.RANDOM_MODEL,
+        num_workers=0,
+    )
+    result = run_upstream(
+        workload,
+        tmp_path,
+        Launcher(env={**os.environ, "HF_HUB_OFFLINE": "1"}, interval=0.1, timeout=600),
+        pass_init_args=False,
+    )
+    assert not result.ok
+    assert "TrainModels" in result.error
+    assert "UnsupportedValueType" in result.error
+
+
+def test_shared_data_missing_is_a_usage_error(tmp_path: Path) -> None:
+    assert (
+        compare_upstream.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+        == compare_upstream.EXIT_USAGE
+    )
+
+
+def test_quick_scenario_1_both_sides_produce_numbers(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.compare_upstream",
+        "--quick",
+        "--scenarios",
+        "1",
+        "--image-size",
+        "128",
+        "--tile-size",
+        "64",
+        "--num-workers",
+        "0",
+        "--out",
+        str(out),
+    ]
+    completed = subprocess.run(
+        command, cwd=compare_upstream.REPO, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "latest" / "results.json").read_text(encoding="utf-8"))
+    (scenario,) = results["scenarios"]
+    for side in ("ours", "upstream"):
+        result = scenario["results"][side]
+        assert result["ok"], result["error"]
+        numbers = [
+            result["wall_s"],
+            result["peak_tree_rss"],
+            *(result["metrics"][m] for m in ("image_AUROC", "pixel_AUROC")),
+        ]
+        assert all(math.isfinite(value) and value > 0 for value in numbers)
+    assert set(scenario["results"]["ours"]["stages"]) == {"train", "eval"}
+    assert "| End-to-end wall time |" in (out / "latest" / "results.md").read_text(encoding="utf-8")
+    assert "| End-to-end wall time |" in completed.stdout
