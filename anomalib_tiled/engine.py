@@ -76,6 +76,7 @@ from anomalib_tiled.training import (
     TileEngine,
     fit_tile,
     fresh_callbacks,
+    fresh_loggers,
     monitored_metrics,
     predict_tile,
     release,
@@ -274,6 +275,7 @@ class TiledEnsembleEngine:
     ) -> RunDirectory:
         self.factory = ModelFactory.from_spec(model)
         callbacks = fresh_callbacks(self.settings.trainer)
+        fresh_loggers(self.settings.trainer, self.settings.default_root_dir)  # fails fast on a bad logger spec
         monitored = monitored_metrics(callbacks)
         splits = setup_splits(datamodule, self.settings.seed)
         self.datamodule = datamodule
@@ -516,13 +518,14 @@ class TiledEnsembleEngine:
                 stores["test"], position, len(records["test"]), records["test"].fingerprint, "predict"
             )
         checkpoint = TileCheckpoint(self.run.checkpoint_path(position.name))
+        tile_dir = self.run.root / "tiles" / position.name
         engine = fit_tile(
             model,
-            self.run.root / "tiles" / position.name,
+            tile_dir,
             loaders["train"],
             loaders.get("val"),
             [*fresh_callbacks(self.settings.trainer), checkpoint, *writers.values()],
-            trainer_arguments(self.settings.trainer, self.settings.accelerator),
+            trainer_arguments(self.settings.trainer, self.settings.accelerator, tile_dir),
         )
         checkpoint.save_final(engine.trainer)
         val_writer = writers.get("val")
@@ -773,10 +776,11 @@ class TiledEnsembleEngine:
                     checkpoint = run.verify_checkpoint(position.name)
                     model = self.factory.load(checkpoint)
                     writer = TilePredictionWriter(store, position, len(record), fingerprint, "predict")
+                    tile_dir = run.root / "tiles" / position.name
                     engine = TileEngine(
                         callbacks=[writer],
-                        default_root_dir=run.root / "tiles" / position.name,
-                        **trainer_arguments({}, self.settings.accelerator),
+                        default_root_dir=tile_dir,
+                        **trainer_arguments({}, self.settings.accelerator, tile_dir),
                     )
                     loader = tile_loader(
                         TileDataset(images, record, position), 32, shuffle=False, seed=self.settings.seed

@@ -209,13 +209,13 @@ class TileEngine(Engine):
         del args, kwargs
 
 
-def trainer_arguments(trainer: dict[str, Any], accelerator: str) -> dict[str, Any]:
+def trainer_arguments(trainer: dict[str, Any], accelerator: str, tile_dir: Path) -> dict[str, Any]:
     """Keyword arguments of one tile's Engine: the user's trainer settings over quiet defaults."""
     return {
         "enable_progress_bar": False,
         "enable_model_summary": False,
-        "logger": False,
-        **{k: v for k, v in trainer.items() if k != "callbacks"},
+        **{k: v for k, v in trainer.items() if k not in {"callbacks", "logger"}},
+        "logger": fresh_loggers(trainer, tile_dir),
         "accelerator": "gpu" if accelerator == "cuda" else accelerator,
         # One device per tile model; a single device index ([1]) is honoured, "auto" means one.
         "devices": trainer.get("devices") if isinstance(trainer.get("devices"), list) else 1,
@@ -224,27 +224,50 @@ def trainer_arguments(trainer: dict[str, Any], accelerator: str) -> dict[str, An
 
 def fresh_callbacks(trainer: dict[str, Any]) -> list[Callback]:
     """New callback objects from the trainer config, so no state (early-stopping counters...) leaks between tiles."""
-    specs = trainer.get("callbacks") or []
-    if not isinstance(specs, list):
-        specs = [specs]
-    callbacks = []
-    for index, spec in enumerate(specs):
-        if isinstance(spec, Callback):
-            callbacks.append(copy.deepcopy(spec))
+    return _fresh_objects(
+        trainer.get("callbacks"), Callback, "lightning.pytorch.callbacks", "TrainModels.trainer.callbacks"
+    )
+
+
+def fresh_loggers(trainer: dict[str, Any], tile_dir: Path) -> bool | list[Any]:
+    """The trainer's ``logger`` setting for one tile: new logger objects writing below the tile's folder.
+
+    ``true``/``false`` are passed on (Lightning's default logger writes to the tile folder too).
+    """
+    from lightning.pytorch.loggers import Logger  # noqa: PLC0415
+
+    specs = trainer.get("logger", False)
+    if isinstance(specs, bool) or specs is None:
+        return bool(specs)
+    # Without a save_dir in the config, each tile logs into its own folder of the run.
+    defaults = {"save_dir": str(tile_dir)}
+    return _fresh_objects(specs, Logger, "lightning.pytorch.loggers", "TrainModels.trainer.logger", defaults)
+
+
+def _fresh_objects(specs: Any, base: type, module: str, key: str, defaults: dict[str, Any] | None = None) -> list[Any]:
+    if specs is None:
+        return []
+    objects = []
+    for index, spec in enumerate(specs if isinstance(specs, list) else [specs]):
+        where = f"{key}[{index}]"
+        if isinstance(spec, base):
+            objects.append(copy.deepcopy(spec))
             continue
-        class_path, init_args = class_spec(spec, f"TrainModels.trainer.callbacks[{index}]")
-        cls = import_class(class_path, "lightning.pytorch.callbacks", f"TrainModels.trainer.callbacks[{index}]")
-        if not issubclass(cls, Callback):
-            msg = f"TrainModels.trainer.callbacks[{index}]: {class_path} is not a Lightning callback"
+        class_path, init_args = class_spec(spec, where)
+        cls = import_class(class_path, module, where)
+        if not issubclass(cls, base):
+            msg = f"{where}: {class_path} is not a Lightning {base.__name__.lower()}"
             raise ConfigError(msg)
-        check_init_args(cls, init_args, f"TrainModels.trainer.callbacks[{index}]")
+        check_init_args(cls, init_args, where)
+        accepted = inspect.signature(cls.__init__).parameters
+        init_args = {**{k: v for k, v in (defaults or {}).items() if k in accepted}, **init_args}
         try:
-            callbacks.append(cls(**init_args))
+            objects.append(cls(**init_args))
         except Exception as error:  # noqa: BLE001 - Lightning raises its own exception types for bad arguments
             detail = " ".join(str(error).split())
-            msg = f"TrainModels.trainer.callbacks[{index}]: {cls.__name__} rejected its arguments: {detail}"
+            msg = f"{where}: {cls.__name__} rejected its arguments: {detail}"
             raise ConfigError(msg) from None
-    return callbacks
+    return objects
 
 
 def fit_tile(

@@ -144,7 +144,7 @@ def config_smoothing() -> object:
         ),
         (
             {"class_path": "Fastflow", "init_args": {"backbone": "resnet18", "pre_trained": False, "flow_steps": 2}},
-            {"max_epochs": 1},
+            {"max_epochs": 1, "logger": {"class_path": "CSVLogger"}},
         ),
     ],
     ids=["patchcore", "fastflow"],
@@ -155,6 +155,10 @@ def test_other_models_train_and_evaluate(dataset_root: Path, tmp_path: Path, mod
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
     metrics = _metrics(next((tmp_path / "results").glob("*/MVTecAD/*/v0/eval/v0")))
     assert 0.0 <= metrics["image_AUROC"] <= 1.0 and 0.0 <= metrics["pixel_AUROC"] <= 1.0
+    if "logger" in trainer:
+        # A configured logger logs every tile model into that tile's folder of the run.
+        logs = list((tmp_path / "results").glob("*/MVTecAD/*/v0/tiles/tile_r*_c*/lightning_logs/version_0/metrics.csv"))
+        assert len(logs) == 4
 
 
 def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_path: Path) -> None:
