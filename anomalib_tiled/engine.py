@@ -323,14 +323,14 @@ class TiledEnsembleEngine:
             )
             atomic_write_text(self.run.config_path, config_module.dump_config(config))
         self.console.print(f"Run directory: {self.run.root}")
-        logger.info(
-            "Training %s on %d tile positions (%s), splits: %s.",
-            self.factory.name,
-            len(self.grid),
-            self.grid,
-            {name: len(dataset) for name, dataset in splits.items()},
-        )
         with self._run_log(), self._interruptible():
+            logger.info(
+                "Training %s on %d tile positions (%s), splits: %s.",
+                self.factory.name,
+                len(self.grid),
+                self.grid,
+                {name: len(dataset) for name, dataset in splits.items()},
+            )
             try:
                 records, caches = self._cache_splits(splits, with_test=evaluate)
                 self._train_tiles(records, caches, monitored, datamodule)
@@ -928,25 +928,37 @@ class TiledEnsembleEngine:
 
     @contextmanager
     def _run_log(self) -> Iterator[None]:
-        """Log everything (tracebacks included) to the run's ``run.log`` while the block runs."""
+        """Log everything (tracebacks included) to the run's ``run.log`` while the block runs.
+
+        This package's progress records (INFO) go to the file only; the console shows its warnings
+        and errors, whatever logging the host application (anomalib's CLI) configured.
+        """
         assert self.run is not None
-        handler = logging.FileHandler(self.run.log_path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
+        file_handler = logging.FileHandler(self.run.log_path, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        file_handler.setLevel(logging.INFO)
+        console_handler = logging.StreamHandler()
+        console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        console_handler.setLevel(logging.WARNING)
         root = logging.getLogger()
         package = logging.getLogger("anomalib_tiled")
-        level = package.level
+        saved = package.level, package.propagate
         package.setLevel(logging.INFO)
-        root.addHandler(handler)
+        package.propagate = False
+        package.addHandler(file_handler)
+        package.addHandler(console_handler)
+        root.addHandler(file_handler)
         try:
             yield
         except BaseException:
             logger.exception("Stopped by an error")
             raise
         finally:
-            root.removeHandler(handler)
-            package.setLevel(level)
-            handler.close()
+            root.removeHandler(file_handler)
+            package.removeHandler(file_handler)
+            package.removeHandler(console_handler)
+            package.level, package.propagate = saved
+            file_handler.close()
 
 
 def _trained_with(run: RunDirectory, settings: EnsembleSettings | None, option: str) -> tuple[EnsembleSettings, dict]:
