@@ -940,6 +940,8 @@ class TiledEnsembleEngine:
         console_handler = logging.StreamHandler()
         console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         console_handler.setLevel(logging.WARNING)
+        # Failures reach the console as the CLI's one line; their tracebacks belong in run.log.
+        console_handler.addFilter(lambda record: not record.exc_info)
         root = logging.getLogger()
         package = logging.getLogger("anomalib_tiled")
         saved = package.level, package.propagate
