@@ -492,7 +492,7 @@ class TiledEnsembleEngine:
         assert self.factory is not None
         started = time.perf_counter()
         seed = self.settings.seed
-        seed_tile(seed)
+        seed_tile(seed, position.index)
         model = self.factory.build((position.height, position.width), monitored)
         loaders = {
             name: tile_loader(

@@ -76,6 +76,8 @@ def build_metric(
     kind = "label" if issubclass(cls, BinaryStatScores) else "score"
     init_args.setdefault("fields", _FIELDS[level, kind])
     init_args.setdefault("prefix", f"{level}_")
+    if issubclass(cls, BinaryPrecisionRecallCurve):
+        init_args.update(exact_curve_arguments())
     if level == "pixel":
         init_args.setdefault("strict", False)
         if issubclass(cls, BinaryPrecisionRecallCurve) and "thresholds" not in init_args:
@@ -90,6 +92,16 @@ def build_metric(
     except (TypeError, ValueError) as error:
         msg = f"{key}: cannot create {cls.__name__} with {init_args}: {error}"
         raise ConfigError(msg) from None
+
+
+def exact_curve_arguments() -> dict[str, Any]:
+    """Arguments that keep a torchmetrics curve metric from squashing raw scores.
+
+    torchmetrics applies a sigmoid to scores outside [0, 1]; raw anomaly scores (Padim's are tens)
+    all saturate to 1.0 and every curve collapses (AUROC 0.5). Curves only depend on the ranking,
+    so no normalisation is exact.
+    """
+    return {"normalization": None}
 
 
 def binned_thresholds(value_range: tuple[float, float], bins: int = PIXEL_BINS) -> torch.Tensor:

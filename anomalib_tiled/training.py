@@ -143,9 +143,9 @@ def validation_metrics(names: list[str]) -> list[Any]:
     Raises:
         ConfigError: If a name is no anomalib curve metric (tile models make no thresholded predictions).
     """
-    from torchmetrics.classification import BinaryStatScores  # noqa: PLC0415
+    from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryStatScores  # noqa: PLC0415
 
-    from anomalib_tiled.metrics import metric_class  # noqa: PLC0415
+    from anomalib_tiled.metrics import exact_curve_arguments, metric_class  # noqa: PLC0415
 
     metrics = []
     for name in names:
@@ -158,6 +158,8 @@ def validation_metrics(names: list[str]) -> list[Any]:
             )
             raise ConfigError(msg)
         fields = ["pred_score", "gt_label"] if level == "image" else ["anomaly_map", "gt_mask"]
+        if issubclass(cls, BinaryPrecisionRecallCurve):
+            init_args = {**exact_curve_arguments(), **init_args}
         metrics.append(cls(fields=fields, prefix=f"{level}_", **init_args))
     return metrics
 
@@ -307,9 +309,15 @@ def predict_tile(engine: TileEngine, model: AnomalibModule, loader: DataLoader) 
     engine.predict(model=model, dataloaders=loader, return_predictions=False)
 
 
-def seed_tile(seed: int) -> None:
-    """Seed every generator so a tile's result depends only on the seed, not on earlier tiles."""
-    seed_everything(seed, workers=True, verbose=False)
+def seed_tile(seed: int, tile_index: int) -> None:
+    """Seed every generator from the run's seed and the tile position.
+
+    A tile's result then depends only on the seed and its position, not on the tiles trained before
+    it (so a resumed run equals an uninterrupted one), while tiles still draw their own random
+    initialisation (e.g. Padim's feature subset): one shared draw for all tiles measurably hurt
+    pixel AUROC on MVTec bottle (0.9705 vs 0.9772 at seed 42).
+    """
+    seed_everything(seed + tile_index, workers=True, verbose=False)
 
 
 def release() -> None:

@@ -92,3 +92,16 @@ def test_suite_computes_named_scalars() -> None:
 def test_thresholds_span_an_empty_range() -> None:
     thresholds = binned_thresholds((2.0, 2.0), bins=5)
     assert float(thresholds[0]) == 2.0 and float(thresholds[-1]) > 2.0
+
+
+def test_exact_image_auroc_ranks_raw_scores_without_squashing() -> None:
+    # Raw scores in the tens: a sigmoid would map them all to 1.0 and report 0.5.
+    batch = MergedBatch(
+        image_path=["a", "b", "c", "d"],
+        anomaly_map=torch.zeros(4, 2, 2),
+        pred_score=torch.tensor([21.0, 23.0, 40.0, 45.0]),
+        gt_label=torch.tensor([False, False, True, True]),
+    )
+    metric = build_metric("AUROC", "image", "k")
+    metric.update(batch)
+    assert float(metric.compute()) == 1.0
