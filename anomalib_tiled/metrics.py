@@ -52,6 +52,10 @@ def metric_class(spec: str | dict, key: str) -> tuple[type[Metric], dict[str, An
         msg = f"{key}: {class_path} is not an anomalib metric; use e.g. AUROC, F1Score, AUPR or AUPRO"
         raise ConfigError(msg)
     check_init_args(cls, {k: v for k, v in init_args.items() if k not in {"fields", "prefix", "strict"}}, key)
+    if issubclass(cls, BinaryPrecisionRecallCurve):
+        # torchmetrics squashes scores outside [0, 1] with a sigmoid: raw anomaly scores (Padim's are
+        # tens) all become 1.0 and the curve collapses (AUROC 0.5). Curves depend only on the ranking.
+        init_args.setdefault("normalization", None)
     return cls, init_args
 
 
@@ -76,8 +80,6 @@ def build_metric(
     kind = "label" if issubclass(cls, BinaryStatScores) else "score"
     init_args.setdefault("fields", _FIELDS[level, kind])
     init_args.setdefault("prefix", f"{level}_")
-    if issubclass(cls, BinaryPrecisionRecallCurve):
-        init_args.update(exact_curve_arguments())
     if level == "pixel":
         init_args.setdefault("strict", False)
         if issubclass(cls, BinaryPrecisionRecallCurve) and "thresholds" not in init_args:
@@ -92,16 +94,6 @@ def build_metric(
     except (TypeError, ValueError) as error:
         msg = f"{key}: cannot create {cls.__name__} with {init_args}: {error}"
         raise ConfigError(msg) from None
-
-
-def exact_curve_arguments() -> dict[str, Any]:
-    """Arguments that keep a torchmetrics curve metric from squashing raw scores.
-
-    torchmetrics applies a sigmoid to scores outside [0, 1]; raw anomaly scores (Padim's are tens)
-    all saturate to 1.0 and every curve collapses (AUROC 0.5). Curves only depend on the ranking,
-    so no normalisation is exact.
-    """
-    return {"normalization": None}
 
 
 def binned_thresholds(value_range: tuple[float, float], bins: int = PIXEL_BINS) -> torch.Tensor:

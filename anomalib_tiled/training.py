@@ -143,9 +143,9 @@ def validation_metrics(names: list[str]) -> list[Any]:
     Raises:
         ConfigError: If a name is no anomalib curve metric (tile models make no thresholded predictions).
     """
-    from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryStatScores  # noqa: PLC0415
+    from torchmetrics.classification import BinaryStatScores  # noqa: PLC0415
 
-    from anomalib_tiled.metrics import exact_curve_arguments, metric_class  # noqa: PLC0415
+    from anomalib_tiled.metrics import metric_class  # noqa: PLC0415
 
     metrics = []
     for name in names:
@@ -158,8 +158,6 @@ def validation_metrics(names: list[str]) -> list[Any]:
             )
             raise ConfigError(msg)
         fields = ["pred_score", "gt_label"] if level == "image" else ["anomaly_map", "gt_mask"]
-        if issubclass(cls, BinaryPrecisionRecallCurve):
-            init_args = {**exact_curve_arguments(), **init_args}
         metrics.append(cls(fields=fields, prefix=f"{level}_", **init_args))
     return metrics
 
