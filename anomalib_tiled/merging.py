@@ -1,20 +1,41 @@
 """Merge: full-resolution predictions from tile predictions.
 
 Anomaly maps are blended with the grid's window weights (uniform mean by default), optionally
-seam-smoothed, and the image score is pooled from the result. Thresholded tile predictions (tile-
-stage thresholding) are merged consistently: a pixel is anomalous when the blended vote of the tiles
-covering it reaches one half, and an image is anomalous when any of its tiles is.
+seam-smoothed, and the image score is pooled from the result by one of :data:`POOLINGS`.
+Thresholded tile predictions (tile-stage thresholding) are merged consistently: a pixel is anomalous
+when the blended vote of the tiles covering it reaches one half, and an image is anomalous when any
+of its tiles is.
+
+:func:`merged_batches` streams a whole split a few images at a time from the prediction store, with
+calibration applied before (tiles) and after (images) merging and the split's ground truth attached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from anomalib_tiled.config import ImageScore
 from anomalib_tiled.smoothing import SeamSmoother
 from anomalib_tiled.tiling import Blending, TileGrid
+
+if TYPE_CHECKING:
+    from anomalib_tiled.splits import SplitRecord
+    from anomalib_tiled.store import StoreReader
+
+MERGE_BATCH = 4
+"""Images merged together: enough to vectorise, few enough to keep memory flat."""
+
+
+class ImageScore(str, Enum):
+    """How the image anomaly score is pooled from tile predictions."""
+
+    MAX_MAP = "max_map"
+    MEAN_TILES = "mean_tiles"
+    MAX_TILES = "max_tiles"
 
 
 @dataclass
@@ -39,6 +60,7 @@ class MergedBatch:
     """Merged predictions of a batch of images, with whatever ground truth is known.
 
     Field names follow anomalib's ``ImageBatch``, so anomalib metrics and post-processors accept it.
+    ``tile_scores`` keeps the (calibrated) score of every tile, for per-position reports.
     """
 
     image_path: list[str]
@@ -48,6 +70,33 @@ class MergedBatch:
     pred_label: torch.Tensor | None = None
     gt_mask: torch.Tensor | None = None
     gt_label: torch.Tensor | None = None
+    tile_scores: torch.Tensor | None = None
+
+
+Pooling = Callable[[torch.Tensor, TilePredictions], torch.Tensor]
+
+
+def _max_of_map(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
+    del tiles
+    return anomaly_map.amax(dim=(-2, -1))
+
+
+def _mean_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
+    del anomaly_map
+    return tiles.scores.mean(dim=-1)
+
+
+def _max_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
+    del anomaly_map
+    return tiles.scores.amax(dim=-1)
+
+
+POOLINGS: dict[ImageScore, Pooling] = {
+    ImageScore.MAX_MAP: _max_of_map,
+    ImageScore.MEAN_TILES: _mean_of_tiles,
+    ImageScore.MAX_TILES: _max_of_tiles,
+}
+"""Image-score pooling strategies by name: ``(merged maps, tile predictions) -> (B,)`` scores."""
 
 
 class TileMerger:
@@ -69,7 +118,7 @@ class TileMerger:
     ) -> None:
         self.grid = grid
         self.blending = Blending(blending)
-        self.image_score = ImageScore(image_score)
+        self.pooling = POOLINGS[ImageScore(image_score)]
         self.smoother = smoother
 
     def merge(self, tiles: TilePredictions, image_path: list[str]) -> MergedBatch:
@@ -77,14 +126,60 @@ class TileMerger:
         anomaly_map = self.grid.untile(tiles.maps, self.blending)
         if self.smoother is not None:
             anomaly_map = self.smoother(anomaly_map)
-        if self.image_score == ImageScore.MAX_MAP:
-            pred_score = anomaly_map.amax(dim=(-2, -1))
-        elif self.image_score == ImageScore.MEAN_TILES:
-            pred_score = tiles.scores.mean(dim=-1)
-        else:
-            pred_score = tiles.scores.amax(dim=-1)
         pred_mask = None
         if tiles.masks is not None:
             pred_mask = self.grid.untile(tiles.masks.float(), self.blending) >= 0.5
         pred_label = tiles.labels.any(dim=-1) if tiles.labels is not None else None
-        return MergedBatch(image_path, anomaly_map, pred_score, pred_mask, pred_label)
+        return MergedBatch(
+            image_path,
+            anomaly_map,
+            self.pooling(anomaly_map, tiles),
+            pred_mask,
+            pred_label,
+            tile_scores=tiles.scores,
+        )
+
+
+class BatchCalibration(Protocol):
+    """What :func:`merged_batches` needs of a calibration (see :mod:`anomalib_tiled.calibration`)."""
+
+    def apply_to_tiles(self, tiles: TilePredictions) -> TilePredictions:
+        """Tile predictions on the tile stage's scale (and thresholded there, if asked)."""
+
+    def apply_to_images(self, batch: MergedBatch) -> None:
+        """Normalise/threshold merged predictions in place."""
+
+
+def merged_batches(
+    record: SplitRecord,
+    reader: StoreReader,
+    merger: TileMerger,
+    calibration: BatchCalibration | None,
+    indices: range | None = None,
+) -> Iterator[MergedBatch]:
+    """Merged, calibrated predictions of a split, a few images at a time, with ground truth.
+
+    Args:
+        record: The split (paths, labels, masks).
+        reader: Its stored tile predictions, tiles in grid order.
+        merger: How tiles are merged.
+        calibration: Normalisation/thresholds to apply, or None for raw values.
+        indices: Images to merge (default: all).
+    """
+    masks = record.masks
+    indices = range(len(record)) if indices is None else indices
+    for start in range(0, len(indices), MERGE_BATCH):
+        chunk = indices[start : start + MERGE_BATCH]
+        raw = [reader.read(i) for i in chunk]
+        tiles = TilePredictions(torch.stack([m for m, _ in raw]), torch.stack([s for _, s in raw]))
+        if calibration is not None:
+            tiles = calibration.apply_to_tiles(tiles)
+        batch = merger.merge(tiles, [record.image_paths[i] for i in chunk])
+        if calibration is not None:
+            calibration.apply_to_images(batch)
+        labels = torch.tensor([record.labels[i] for i in chunk])
+        if bool((labels >= 0).all()):
+            batch.gt_label = labels.bool()
+            if masks is not None:
+                batch.gt_mask = torch.from_numpy(masks.read(chunk[0], len(chunk)).copy()).bool()
+        yield batch

@@ -14,49 +14,22 @@ stay exact and hold the split's maps in RAM; a warning says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.classification import BinaryPrecisionRecallCurve, BinaryStatScores
+from torchmetrics.classification import BinaryPrecisionRecallCurve
 
+from anomalib_tiled.components import METRIC_FIELDS, metric_class, metric_kind
 from anomalib_tiled.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 PIXEL_BINS = 32768
 """Thresholds of binned pixel curves (AUROC within a few 1e-4 of the exact value on real data)."""
-
-_FIELDS = {
-    ("image", "score"): ["pred_score", "gt_label"],
-    ("image", "label"): ["pred_label", "gt_label"],
-    ("pixel", "score"): ["anomaly_map", "gt_mask"],
-    ("pixel", "label"): ["pred_mask", "gt_mask"],
-}
-
-
-def metric_class(spec: str | dict, key: str) -> tuple[type[Metric], dict[str, Any]]:
-    """Resolve a metric name, class path or ``{class_path, init_args}`` to its class and init args."""
-    from anomalib.metrics import AnomalibMetric  # noqa: PLC0415
-
-    from anomalib_tiled.config import METRIC_MODULE, check_init_args, class_spec, import_class  # noqa: PLC0415
-
-    class_path, init_args = class_spec(spec, key)
-    cls = import_class(class_path, METRIC_MODULE, key)
-    if not (issubclass(cls, Metric) and issubclass(cls, AnomalibMetric)):
-        msg = f"{key}: {class_path} is not an anomalib metric; use e.g. AUROC, F1Score, AUPR or AUPRO"
-        raise ConfigError(msg)
-    check_init_args(cls, {k: v for k, v in init_args.items() if k not in {"fields", "prefix", "strict"}}, key)
-    if issubclass(cls, BinaryPrecisionRecallCurve):
-        # torchmetrics squashes scores outside [0, 1] with a sigmoid: raw anomaly scores (Padim's are
-        # tens) all become 1.0 and the curve collapses (AUROC 0.5). Curves depend only on the ranking.
-        init_args.setdefault("normalization", None)
-    return cls, init_args
 
 
 def build_metric(
@@ -77,8 +50,8 @@ def build_metric(
         The metric, named ``<level>_<Class>`` like anomalib's evaluator.
     """
     cls, init_args = metric_class(spec, key)
-    kind = "label" if issubclass(cls, BinaryStatScores) else "score"
-    init_args.setdefault("fields", _FIELDS[level, kind])
+    kind = metric_kind(cls)
+    init_args.setdefault("fields", METRIC_FIELDS[level, kind])
     init_args.setdefault("prefix", f"{level}_")
     if level == "pixel":
         init_args.setdefault("strict", False)
@@ -197,24 +170,3 @@ class MetricSuite:
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 results[metric.name] = float(value)
         return results
-
-
-def write_metrics(results: dict[str, float], directory: Path) -> None:
-    """Write ``metrics.json`` and ``metrics.csv`` (atomically) into ``directory``."""
-    from anomalib_tiled.run import atomic_write_text  # noqa: PLC0415
-
-    atomic_write_text(directory / "metrics.json", json.dumps(results, indent=2) + "\n")
-    rows = ["metric,value", *(f"{name},{value:.6f}" for name, value in results.items())]
-    atomic_write_text(directory / "metrics.csv", "\n".join(rows) + "\n")
-
-
-def format_table(results: dict[str, float], title: str) -> Any:
-    """Rich table of the metric values, for the console."""
-    from rich.table import Table  # noqa: PLC0415
-
-    table = Table(title=title)
-    table.add_column("Metric")
-    table.add_column("Value", justify="right")
-    for name, value in results.items():
-        table.add_row(name, f"{value:.4f}")
-    return table

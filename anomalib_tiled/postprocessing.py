@@ -21,7 +21,7 @@ import torch
 from anomalib.metrics import AnomalibMetric, MinMax
 from anomalib.post_processing import PostProcessor
 
-from anomalib_tiled.config import class_spec, threshold_class
+from anomalib_tiled.components import class_spec, threshold_class
 from anomalib_tiled.metrics import binned_thresholds, streaming_binned
 
 NAN = float("nan")

@@ -77,16 +77,6 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def check_writable(directory: Path) -> None:
-    """Fail fast if results cannot be written below ``directory``."""
-    existing = directory
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        msg = f"default_root_dir: cannot write to {existing}; choose a writable default_root_dir"
-        raise RunDirectoryError(msg)
-
-
 def next_version_dir(parent: Path) -> Path:
     """Create and return ``parent/vN`` with the next free N, and point ``parent/latest`` at it."""
     parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +103,6 @@ class RunDirectory:
     @classmethod
     def create(cls, default_root_dir: Path, model: str, dataset: str, category: str) -> RunDirectory:
         """Create a new versioned run below ``default_root_dir`` and write its initial manifest."""
-        check_writable(Path(default_root_dir))
         parent = Path(default_root_dir) / model / dataset
         if category:
             parent /= category

@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_tiled.data import NpyFile
-from anomalib_tiled.run import atomic_write_text
+from anomalib_tiled.npyfile import NpyFile
+from anomalib_tiled.run import RunDirectory, atomic_write_text
 from anomalib_tiled.tiling import TilePosition
 
 
@@ -77,6 +77,11 @@ class PredictionStore:
     def reader(self, tiles: list[str]) -> StoreReader:
         """Random access to the predictions of ``tiles``, image by image."""
         return StoreReader(self, tiles)
+
+
+def run_store(run: RunDirectory, fingerprint: str) -> PredictionStore:
+    """Store of a run's split; stored by split content, so identical splits (test = val) share it."""
+    return PredictionStore(run.predictions_dir(fingerprint))
 
 
 class StoreReader:

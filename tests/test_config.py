@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from anomalib_tiled import config
+from anomalib_tiled.cli.arguments import parse_args
+from anomalib_tiled.configfile import settings_from_namespace, spec_from_namespace
 from anomalib_tiled.cli import main
-from anomalib_tiled.config import NormalizationStage, ThresholdStage
+from anomalib_tiled.settings import NormalizationStage, SeamSmoothingConfig, ThresholdStage
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.synthetic import make_dataset
 from tests.conftest import base_config, write_config
@@ -71,22 +72,22 @@ def _guide_config(tmp_path: Path, root: Path) -> Path:
 
 
 def test_guide_config_is_read_into_the_canonical_settings(tmp_path: Path) -> None:
-    _, cfg = config.parse_args("train", ["--config", str(_guide_config(tmp_path, tmp_path)), "--accelerator", "cpu"])
-    settings = config.settings_from_namespace(cfg)
+    cfg = parse_args("train", ["--config", str(_guide_config(tmp_path, tmp_path)), "--accelerator", "cpu"])
+    settings = settings_from_namespace(cfg)
     assert settings.grid.image_size == (256, 256)
     assert settings.grid.tile_size == (128, 128)
     assert settings.grid.stride == (128, 128)
     assert len(settings.grid) == 4
-    assert settings.normalization_stage == NormalizationStage.IMAGE
-    assert settings.thresholding.stage == ThresholdStage.IMAGE
-    assert settings.thresholding.method == "F1AdaptiveThreshold"
-    assert settings.seam_smoothing.apply and settings.seam_smoothing.sigma == 2
-    assert settings.metrics.pixel == ["AUROC"] and settings.metrics.image == ["AUROC"]
-    data = config.spec_from_namespace(cfg.data)
+    assert settings.postprocessing.normalization_stage == NormalizationStage.IMAGE
+    assert settings.postprocessing.thresholding.stage == ThresholdStage.IMAGE
+    assert settings.postprocessing.thresholding.method == "F1AdaptiveThreshold"
+    assert settings.postprocessing.seam_smoothing.apply and settings.postprocessing.seam_smoothing.sigma == 2
+    assert settings.postprocessing.metrics.pixel == ["AUROC"] and settings.postprocessing.metrics.image == ["AUROC"]
+    data = spec_from_namespace(cfg.data)
     assert data["class_path"] == "anomalib.data.MVTecAD"
     assert data["init_args"]["category"] == "bottle"
     assert not {"task", "transform", "image_size", "train_transform", "eval_transform"} & set(data["init_args"])
-    assert config.spec_from_namespace(cfg.TrainModels.model)["class_path"] == "anomalib.models.Padim"
+    assert spec_from_namespace(cfg.TrainModels.model)["class_path"] == "anomalib.models.Padim"
 
 
 def test_guide_config_trains_with_only_the_data_root_changed(tmp_path: Path) -> None:
@@ -114,19 +115,19 @@ def test_upstream_format_is_accepted(tmp_path: Path) -> None:
         "SeamSmoothing": {"apply": False, "sigma": 2, "width": 0.1},
         "TrainModels": {"model": {"class_path": "Padim"}},
     }
-    _, cfg = config.parse_args("train", ["--config", str(write_config(tmp_path / "up.yaml", upstream))])
-    settings = config.settings_from_namespace(cfg)
+    cfg = parse_args("train", ["--config", str(write_config(tmp_path / "up.yaml", upstream))])
+    settings = settings_from_namespace(cfg)
     assert settings.grid.shape == (3, 3)
-    assert settings.thresholding.stage == ThresholdStage.TILE
-    assert settings.normalization_stage == NormalizationStage.TILE
+    assert settings.postprocessing.thresholding.stage == ThresholdStage.TILE
+    assert settings.postprocessing.normalization_stage == NormalizationStage.TILE
 
 
 def test_both_image_sizes_given_tiling_wins_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     both = base_config(tmp_path, tmp_path)
     both["tiling"]["image_size"] = [96, 96]
     with caplog.at_level(logging.WARNING):
-        _, cfg = config.parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
-    assert config.settings_from_namespace(cfg).grid.image_size == (96, 96)
+        cfg = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
+    assert settings_from_namespace(cfg).grid.image_size == (96, 96)
     assert "using tiling.image_size" in caplog.text
 
 
@@ -135,18 +136,18 @@ def test_both_threshold_stages_given_thresholding_stage_key_loses(
 ) -> None:
     both = base_config(tmp_path, tmp_path, thresholding_stage="tile")
     with caplog.at_level(logging.WARNING):
-        _, cfg = config.parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
-    assert config.settings_from_namespace(cfg).thresholding.stage == ThresholdStage.IMAGE
+        cfg = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
+    assert settings_from_namespace(cfg).postprocessing.thresholding.stage == ThresholdStage.IMAGE
     assert "using thresholding.stage" in caplog.text
 
 
 def test_command_line_overrides_any_key(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", base_config(tmp_path, tmp_path))
-    _, cfg = config.parse_args(
+    cfg = parse_args(
         "train",
         ["--config", str(path), "--tiling.stride", "32", "--TrainModels.model.init_args.backbone", "resnet34"],
     )
-    assert config.settings_from_namespace(cfg).grid.stride == (32, 32)
+    assert settings_from_namespace(cfg).grid.stride == (32, 32)
     assert cfg.TrainModels.model.init_args.backbone == "resnet34"
 
 
@@ -274,6 +275,5 @@ def test_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
 
 
 def test_settings_reject_bad_smoothing() -> None:
-    grid = config.TileGrid.create(64, 32)
     with pytest.raises(ConfigError, match=r"SeamSmoothing\.width: must be in \(0, 1\]"):
-        config.EnsembleSettings(grid=grid, seam_smoothing=config.SeamSmoothingConfig(apply=True, width=3))
+        SeamSmoothingConfig(apply=True, width=3)

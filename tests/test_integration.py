@@ -127,7 +127,7 @@ def test_python_api_matches_the_cli_and_is_deterministic(dataset_root: Path, tra
 
 
 def config_smoothing() -> object:
-    from anomalib_tiled.config import SeamSmoothingConfig
+    from anomalib_tiled.settings import SeamSmoothingConfig
 
     return SeamSmoothingConfig(apply=True, sigma=1.5, width=0.1)
 

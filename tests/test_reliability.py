@@ -301,12 +301,12 @@ def test_a_failing_stage_stops_the_run_and_marks_it_failed(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from anomalib_tiled import engine
+    from anomalib_tiled import merging
 
     def broken_merge(*args: object, **kwargs: object) -> None:
         raise RuntimeError("merge exploded")
 
-    monkeypatch.setattr(engine.TileMerger, "merge", broken_merge)
+    monkeypatch.setattr(merging.TileMerger, "merge", broken_merge)
     status, line = _fail(tmp_path, capsys, base_config(dataset_root, tmp_path / "results"))
     assert status == 1 and "RuntimeError: merge exploded" in line
     run = next((tmp_path / "results").glob("*/*/*/v0"))

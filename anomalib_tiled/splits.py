@@ -1,4 +1,4 @@
-"""Data path: decode every image once per run, then serve tiles from a disk cache.
+"""Splits: set a data module up once, decode every image once per run, and link identical splits.
 
 Any anomalib image data module (MVTecAD, Folder, Visa...) is set up once with the run's seed, so
 every tile position sees the same split. Each split is then decoded, checked and resized to the
@@ -10,11 +10,11 @@ process's resident memory). Paths, labels and masks of each split are kept in th
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,86 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF  # noqa: N812 - torchvision's own alias
 from torchvision.tv_tensors import Mask
 
 from anomalib_tiled.errors import DataError
-from anomalib_tiled.run import atomic_write_text
-from anomalib_tiled.tiling import Size, TilePosition
+from anomalib_tiled.npyfile import NpyFile
+from anomalib_tiled.progress import ProgressListener, Task
+from anomalib_tiled.run import RunDirectory, atomic_write_text
+from anomalib_tiled.sources import UNKNOWN_LABEL, DatasetSource, FileSource
+from anomalib_tiled.tiling import Size
 
 logger = logging.getLogger(__name__)
-
-UNKNOWN_LABEL = -1
-
-
-class NpyFile:
-    """A ``.npy`` file of fixed shape read and written in row ranges with ``pread``/``pwrite``.
-
-    The file stays a valid ``.npy`` (``numpy.load`` reads it) while no part of it is memory-mapped.
-
-    Args:
-        path: File path.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        with self.path.open("rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(handle)
-            self.offset = handle.tell()
-        if fortran or np.dtype(dtype).hasobject:
-            # Object arrays would be unpickled: never from a run directory.
-            msg = f"{path}: not a plain numeric array file; the run directory is corrupt, train again"
-            raise DataError(msg)
-        self.shape: tuple[int, ...] = shape
-        self.dtype = np.dtype(dtype)
-        self.item_shape = shape[1:]
-        self.item_bytes = int(np.prod(self.item_shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @classmethod
-    def create(cls, path: Path, shape: tuple[int, ...], dtype: np.dtype | str) -> NpyFile:
-        """Create a zero-filled (sparse) ``.npy`` file of ``shape``."""
-        dtype = np.dtype(dtype)
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-        with Path(path).open("wb") as handle:
-            np.lib.format.write_array_header_2_0(handle, header)
-            offset = handle.tell()
-            handle.truncate(offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
-        return cls(path)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def write(self, index: int, values: np.ndarray) -> None:
-        """Write items ``index .. index + len(values)``."""
-        data = np.ascontiguousarray(values, dtype=self.dtype)
-        if data.shape[1:] != self.item_shape:
-            msg = f"{self.path}: expected items of shape {self.item_shape}, got {data.shape[1:]}"
-            raise ValueError(msg)
-        with self.path.open("r+b") as handle:
-            os.pwrite(handle.fileno(), data.tobytes(), self.offset + index * self.item_bytes)
-
-    def read(self, index: int, count: int = 1) -> np.ndarray:
-        """Items ``index .. index + count`` as ``(count, *item_shape)``."""
-        return self._pread(index * self.item_bytes, count * self.item_bytes).reshape(count, *self.item_shape)
-
-    def read_rows(self, index: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of the first item axis of item ``index``, as ``(stop - start, ...)``."""
-        row_bytes = self.item_bytes // self.item_shape[0]
-        raw = self._pread(index * self.item_bytes + start * row_bytes, (stop - start) * row_bytes)
-        return raw.reshape(stop - start, *self.item_shape[1:])
-
-    def _pread(self, position: int, size: int) -> np.ndarray:
-        with self.path.open("rb") as handle:
-            raw = os.pread(handle.fileno(), size, self.offset + position)
-        if len(raw) != size:
-            msg = f"{self.path}: file is truncated; delete it and run again"
-            raise DataError(msg)
-        return np.frombuffer(raw, dtype=self.dtype)
 
 
 def split_fingerprint(image_paths: list[str], labels: list[int]) -> str:
@@ -157,81 +88,6 @@ class SplitRecord:
             "has_masks": self.has_masks,
         }
         atomic_write_text(self.directory / "index.json", json.dumps(index) + "\n")
-
-
-class DatasetSource:
-    """Images of one split of an anomalib data module (its augmentations are not applied here).
-
-    Args:
-        dataset: The split's ``AnomalibDataset``.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = copy.copy(dataset)
-        self.dataset.augmentations = None
-        samples = dataset.samples
-        self.image_paths = [str(path) for path in samples.image_path]
-        mask_paths = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
-        self.mask_paths = [path if isinstance(path, str) else "" for path in mask_paths]
-        self.has_masks = dataset.task.value == "segmentation"
-        self.labels = [int(label) for label in samples.label_index]
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def load(self, index: int) -> Any:
-        """Decoded image, mask and label of one sample."""
-        return self.dataset[index]
-
-
-class FileSource:
-    """Unlabeled image files (``predict``).
-
-    Args:
-        image_paths: Image files.
-    """
-
-    has_masks = False
-
-    def __init__(self, image_paths: list[str]) -> None:
-        self.image_paths = image_paths
-        self.mask_paths = [""] * len(image_paths)
-        self.labels = [UNKNOWN_LABEL] * len(image_paths)
-
-    def __len__(self) -> int:
-        return len(self.image_paths)
-
-    def load(self, index: int) -> Any:
-        """Decoded image of one file."""
-        from anomalib.data import ImageItem  # noqa: PLC0415
-        from anomalib.data.utils import read_image  # noqa: PLC0415
-
-        path = self.image_paths[index]
-        return ImageItem(image=read_image(path, as_tensor=True), image_path=path)
-
-
-def collect_images(pattern: str | Path) -> list[str]:
-    """Image files of a folder (recursively), a single file, or a glob pattern, sorted.
-
-    Raises:
-        DataError: If nothing matches.
-    """
-    import glob  # noqa: PLC0415
-
-    from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: PLC0415 - the extensions anomalib accepts
-
-    path = Path(pattern)
-    if path.is_dir():
-        candidates = [str(p) for p in path.rglob("*")]
-    elif path.is_file():
-        candidates = [str(path)]
-    else:
-        candidates = glob.glob(str(pattern), recursive=True)
-    images = sorted(p for p in candidates if Path(p).suffix.lower() in IMG_EXTENSIONS and Path(p).is_file())
-    if not images:
-        msg = f"--data: no images match '{pattern}'; give a folder, an image file or a glob such as 'images/*.png'"
-        raise DataError(msg)
-    return images
 
 
 class _Decoder:
@@ -357,68 +213,6 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-class TileDataset(Dataset):
-    """The tile at one grid position of every image of a split, read from the image cache.
-
-    Args:
-        images: ``(N, H, W, 3)`` uint8 cache.
-        record: The split's record (paths, labels, masks).
-        position: Grid position to cut.
-        augmentations: Optional torchvision transform applied to each tile (training only).
-    """
-
-    def __init__(
-        self,
-        images: NpyFile,
-        record: SplitRecord,
-        position: TilePosition,
-        augmentations: Callable | None = None,
-    ) -> None:
-        self.images = images
-        self.record = record
-        self.masks = record.masks
-        self.position = position
-        self.augmentations = augmentations
-
-    def __len__(self) -> int:
-        return len(self.record)
-
-    def __getitem__(self, index: int) -> Any:
-        from anomalib.data import ImageItem  # noqa: PLC0415
-
-        rows, cols = self.position.slices
-        band = self.images.read_rows(index, rows.start, rows.stop)
-        image = torch.from_numpy(band[:, cols].copy()).permute(2, 0, 1).float().div_(255)
-        label = self.record.labels[index]
-        gt_mask = None
-        if self.masks is not None and label != UNKNOWN_LABEL:
-            gt_mask = torch.from_numpy(self.masks.read_rows(index, rows.start, rows.stop)[:, cols].copy()).bool()
-            # A tile is anomalous only if the defect reaches into it.
-            label = int(gt_mask.any())
-        if self.augmentations is not None:
-            if gt_mask is not None:
-                image, gt_mask = self.augmentations(image, Mask(gt_mask))
-            else:
-                image = self.augmentations(image)
-        return ImageItem(
-            image=image,
-            gt_mask=gt_mask,
-            gt_label=None if label == UNKNOWN_LABEL else torch.tensor(label),
-            image_path=self.record.image_paths[index],
-            mask_path=self.record.mask_paths[index] or None,
-        )
-
-
-def tile_loader(dataset: TileDataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
-    """DataLoader of tiles; reading crops from the cache is cheap, so no worker processes."""
-    from anomalib.data import ImageBatch  # noqa: PLC0415
-
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=ImageBatch.collate, generator=generator
-    )
-
-
 def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
     """Set the data module up once, with the run's seed, and return its non-empty splits.
 
@@ -458,18 +252,79 @@ def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
     return splits
 
 
-def datamodule_spec(datamodule: Any) -> dict[str, Any]:
-    """``{class_path, init_args}`` of a data module instance, as far as its attributes tell."""
-    import inspect  # noqa: PLC0415
+class SplitCache:
+    """The decoded splits of one run.
 
-    from anomalib_tiled.config import as_yaml_value  # noqa: PLC0415
+    Records (paths, labels, masks) go to ``splits/<name>``; decoded images go to ``cache/`` while the
+    tiles need them and are removed by :meth:`drop`. A split holding the same images as one already
+    recorded (test = validation) is linked to it instead of being decoded again.
 
-    cls = type(datamodule)
-    init_args = {}
-    for name in inspect.signature(cls.__init__).parameters:
-        for attribute in (name, f"_{name}"):
-            value = getattr(datamodule, attribute, None)
-            if isinstance(value, str | int | float | bool | Path | list | tuple) or hasattr(value, "value"):
-                init_args[name] = as_yaml_value(value)
-                break
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    Args:
+        run: The run directory.
+        image_size: Tiled image size ``(H, W)``.
+        listener: Progress reporting.
+    """
+
+    def __init__(self, run: RunDirectory, image_size: Size, listener: ProgressListener) -> None:
+        self.run = run
+        self.image_size = image_size
+        self.listener = listener
+
+    @property
+    def directory(self) -> Path:
+        """Folder of decoded images."""
+        return self.run.root / "cache"
+
+    def decode(
+        self, name: str, source: DatasetSource | FileSource, directory: Path, workers: int, *, images: bool = True
+    ) -> tuple[SplitRecord, NpyFile | None]:
+        """Decode a split once: its record in ``directory`` and (if ``images``) its image cache.
+
+        Returns:
+            The record and the image cache (None without images).
+        """
+        cache_file = self.directory / f"{split_fingerprint(source.image_paths, source.labels)}.images.npy"
+        with Task(self.listener, f"Decoding {name} images", len(source)) as task:
+            record = cache_split(
+                source,
+                self.image_size,
+                directory,
+                cache_file if images else None,
+                workers,
+                progress=task.update,
+                with_masks=name != "train",
+            )
+        if images:
+            logger.info("%s split: %d images decoded once into %s.", name, len(record), cache_file)
+        return record, NpyFile(cache_file) if images else None
+
+    def recorded(self, fingerprint: str, directory: Path) -> SplitRecord | None:
+        """The split with this content: the one in ``directory``, else any other one linked into it."""
+        if recorded_fingerprint(directory) == fingerprint:
+            return SplitRecord.load(directory)
+        splits = self.run.root / "splits"
+        for other in sorted(splits.iterdir()) if splits.is_dir() else []:
+            if other != directory and recorded_fingerprint(other) == fingerprint:
+                return link_split(SplitRecord.load(other), directory)
+        return None
+
+    def drop(self) -> None:
+        """Remove the decoded images (records stay)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def recorded_fingerprint(directory: Path) -> str | None:
+    """Fingerprint of the split recorded in ``directory``, or None when there is none."""
+    return SplitRecord.load(directory).fingerprint if (directory / "index.json").is_file() else None
+
+
+def link_split(source: SplitRecord, directory: Path) -> SplitRecord:
+    """Record, in ``directory``, a split that holds the same images as ``source`` (test = validation)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if source.has_masks:
+        masks = directory / "masks.npy"
+        masks.unlink(missing_ok=True)
+        os.link(source.directory / "masks.npy", masks)
+    record = SplitRecord(directory, source.image_paths, source.mask_paths, source.labels, source.has_masks)
+    record.save()
+    return record

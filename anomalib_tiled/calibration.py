@@ -1,0 +1,192 @@
+"""Calibrated merge: the normalisation and threshold policy of every stage combination, as one object.
+
+Normalisation happens per tile model (``tile``), on merged images (``image``) or not at all; thresholds
+are learned per tile model or on merged images. :class:`Calibrator` learns the statistics a
+combination needs from the validation split's stored predictions (``stats.json``), and
+:class:`Calibrations` applies them while tiles are merged (see
+:func:`~anomalib_tiled.merging.merged_batches`). The primitives (anomalib's ``MinMax``, threshold
+metrics and ``PostProcessor``) are in :mod:`anomalib_tiled.postprocessing`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from anomalib_tiled.configfile import as_yaml_value
+from anomalib_tiled.merging import MERGE_BATCH, MergedBatch, TileMerger, TilePredictions, merged_batches
+from anomalib_tiled.postprocessing import Calibration, CalibrationEstimator, apply_to_tiles
+from anomalib_tiled.run import atomic_write_text
+from anomalib_tiled.settings import NormalizationStage, PostProcessingSettings, ThresholdStage
+from anomalib_tiled.smoothing import SeamSmoother
+from anomalib_tiled.splits import SplitRecord
+from anomalib_tiled.store import PredictionStore
+from anomalib_tiled.tiling import TileGrid, TilePosition
+
+
+def build_merger(grid: TileGrid, post: PostProcessingSettings) -> TileMerger:
+    """The merger of the settings: blending, pooling and (if on) seam smoothing."""
+    smoothing = post.seam_smoothing
+    smoother = SeamSmoother(grid, smoothing.sigma, smoothing.width) if smoothing.apply else None
+    return TileMerger(grid, post.merge.blending, post.merge.image_score, smoother)
+
+
+@dataclass
+class Calibrations:
+    """Learned statistics applied to tile and merged predictions.
+
+    Attributes:
+        tiles: One calibration per tile position (tile-stage normalisation or thresholds), or None.
+        image: Calibration of merged images, or None.
+        post: The settings they were learned for.
+    """
+
+    tiles: list[Calibration] | None
+    image: Calibration | None
+    post: PostProcessingSettings
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any], post: PostProcessingSettings) -> Calibrations:
+        """Calibrations from a ``stats.json`` dict."""
+        tiles = [Calibration.from_dict(values) for values in stats["tile"]] if stats.get("tile") else None
+        image = Calibration.from_dict(stats["image"]) if stats.get("image") else None
+        return cls(tiles, image, post)
+
+    def apply_to_tiles(self, tiles: TilePredictions) -> TilePredictions:
+        """Tile-stage normalisation (and thresholds) of a batch of tile predictions."""
+        if self.tiles is None:
+            return tiles
+        threshold = self.post.thresholding.stage == ThresholdStage.TILE
+        return TilePredictions(*apply_to_tiles(self.tiles, tiles.maps, tiles.scores, threshold=threshold))
+
+    def apply_to_images(self, batch: MergedBatch) -> None:
+        """Image-stage normalisation (and thresholds) of merged predictions, in place."""
+        if self.image is not None:
+            self.image.apply(batch, threshold=self.post.thresholding.stage == ThresholdStage.IMAGE)
+
+    @property
+    def normalized(self) -> bool:
+        """Whether merged maps are on the normalised [0, 1] scale."""
+        image = self.image is not None and self.image.normalize
+        tiles = self.tiles is not None and self.post.normalization_stage == NormalizationStage.TILE
+        return image or tiles
+
+    @property
+    def image_threshold(self) -> float | None:
+        """Threshold of merged image scores in their own units, or None with tile-stage thresholds."""
+        if self.image is None or self.post.thresholding.stage != ThresholdStage.IMAGE:
+            return None
+        return 0.5 if self.image.normalize else float(self.image.image_threshold)
+
+    def pixel_range(self, store: PredictionStore, grid: TileGrid) -> tuple[float, float]:
+        """Range of the merged map values of a split (binned pixel metrics span it)."""
+        return (0.0, 1.0) if self.normalized else store.value_range([p.name for p in grid])
+
+
+class Calibrator:
+    """Learns and reuses the statistics of one post-processing configuration.
+
+    Args:
+        grid: The tile grid.
+        post: Post-processing settings.
+    """
+
+    def __init__(self, grid: TileGrid, post: PostProcessingSettings) -> None:
+        self.grid = grid
+        self.post = post
+
+    @property
+    def key(self) -> str:
+        """Identity of the settings statistics depend on (saved with them)."""
+        post = self.post
+        return json.dumps(
+            {
+                "normalization": as_yaml_value(post.normalization_stage),
+                "thresholding": as_yaml_value(asdict(post.thresholding)),
+                "smoothing": asdict(post.seam_smoothing),
+                "merge": as_yaml_value(asdict(post.merge)),
+            },
+            sort_keys=True,
+        )
+
+    def learn(self, record: SplitRecord | None, store: PredictionStore | None) -> dict[str, Any]:
+        """Statistics learned from validation predictions (``record`` None: only a fixed threshold).
+
+        Configuration checks guarantee that without a validation split nothing else is asked for.
+        """
+        post = self.post
+        tile_stage = post.thresholding.stage == ThresholdStage.TILE
+        stats: dict[str, Any] = {
+            "key": self.key,
+            "split": None if record is None else record.fingerprint,
+            "tile": None,
+            "image": None,
+        }
+        if post.normalization_stage == NormalizationStage.TILE or tile_stage:
+            stats["tile"] = [self._learn_tile(position, record, store).to_dict() for position in self.grid]
+        image_norm = post.normalization_stage == NormalizationStage.IMAGE
+        if image_norm or not tile_stage:
+            pixel_range = (0.0, 1.0)
+            if store is not None and post.normalization_stage != NormalizationStage.TILE:
+                pixel_range = store.value_range([p.name for p in self.grid])
+            estimator = CalibrationEstimator(None if tile_stage else post.thresholding.method, image_norm, pixel_range)
+            if record is not None and store is not None:
+                reader = store.reader([p.name for p in self.grid])
+                merger = build_merger(self.grid, post)
+                for batch in merged_batches(record, reader, merger, Calibrations.from_stats(stats, post)):
+                    estimator.update(batch)
+            stats["image"] = estimator.compute().to_dict()
+        return stats
+
+    def _learn_tile(
+        self, position: TilePosition, record: SplitRecord | None, store: PredictionStore | None
+    ) -> Calibration:
+        tile_stage = self.post.thresholding.stage == ThresholdStage.TILE
+        estimator = CalibrationEstimator(
+            self.post.thresholding.method if tile_stage else None,
+            self.post.normalization_stage == NormalizationStage.TILE,
+            store.value_range([position.name]) if store is not None else (0.0, 1.0),
+        )
+        if store is not None and record is not None:
+            for batch in _tile_batches(store, record, position):
+                estimator.update(batch)
+        return estimator.compute()
+
+    def reuse_or_learn(
+        self, saved: dict[str, Any], record: SplitRecord | None, store: PredictionStore | None, output: Path | None
+    ) -> Calibrations:
+        """The run's saved statistics when they fit these settings, else learned again (and saved in ``output``)."""
+        if saved.get("key") == self.key and saved.get("split") == (record and record.fingerprint):
+            return Calibrations.from_stats(saved, self.post)
+        stats = self.learn(record, store)
+        if output is not None:
+            atomic_write_text(output / "stats.json", json.dumps(stats, indent=2) + "\n")
+        return Calibrations.from_stats(stats, self.post)
+
+
+def _tile_batches(store: PredictionStore, record: SplitRecord, position: TilePosition) -> Iterator[MergedBatch]:
+    """Validation predictions of one tile position with the tile's ground truth."""
+    maps = store.maps(position.name)
+    scores = torch.from_numpy(store.scores(position.name))
+    masks = record.masks
+    rows, cols = position.slices
+    step = MERGE_BATCH * 8
+    for start in range(0, len(record), step):
+        count = min(step, len(record) - start)
+        labels = torch.tensor(record.labels[start : start + count])
+        gt_mask = None
+        if masks is not None:
+            gt_mask = torch.from_numpy(masks.read(start, count)[:, rows, cols].copy()).bool()
+            labels = gt_mask.flatten(1).any(dim=1).long()
+        yield MergedBatch(
+            image_path=record.image_paths[start : start + count],
+            anomaly_map=torch.from_numpy(maps.read(start, count).copy()),
+            pred_score=scores[start : start + count],
+            gt_mask=gt_mask,
+            gt_label=labels.bool() if bool((labels >= 0).all()) else None,
+        )

@@ -1,0 +1,88 @@
+"""Parsers of ``anomalib tiled train | eval | predict | report``.
+
+``train`` reads a config file and command-line overrides; ``eval`` and ``train --resume`` start
+from the run's own ``config.yaml`` and apply overrides on top; ``predict`` and ``report`` take only
+a few options. Errors raise :class:`~anomalib_tiled.errors.ConfigError` with one line instead of
+exiting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+
+from anomalib_tiled.cli.legacy import PARSER_MODE, register_loader
+from anomalib_tiled.cli.subcommands import SUBCOMMANDS
+from anomalib_tiled.configfile import add_settings_arguments
+from anomalib_tiled.errors import ConfigError
+from anomalib_tiled.parse_errors import condense_parser_error
+from anomalib_tiled.run import RunDirectory
+
+ROOT_HELP = "Run directory printed by 'anomalib tiled train'."
+
+
+def build_parser(command: str) -> ArgumentParser:
+    """Parser of ``anomalib tiled <command>``; errors raise instead of exiting."""
+    register_loader()
+    parser = ArgumentParser(
+        prog=f"anomalib tiled {command}",
+        description=SUBCOMMANDS[command],
+        parser_mode=PARSER_MODE,
+        exit_on_error=False,
+        default_config_files=[],
+        allow_abbrev=False,
+    )
+    if command == "predict":
+        _add_predict_arguments(parser)
+    elif command == "report":
+        parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
+        parser.add_argument("--eval", type=str | None, default=None, help="Evaluation folder (default: the latest).")
+    elif command == "eval":
+        parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
+        add_settings_arguments(parser, require_data=False)
+    else:
+        parser.add_argument("--resume", type=Path | None, default=None, help="Resume an interrupted run directory.")
+        parser.add_argument("--evaluate", type=bool, default=True, help="Evaluate on the test split after training.")
+        add_settings_arguments(parser, require_data=False)
+    parser.add_argument("--verbose", type=bool, default=False, help="Print full tracebacks.")
+    return parser
+
+
+def _add_predict_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
+    parser.add_argument("--data", type=str, required=True, help="Folder, image file or glob of images to predict.")
+    parser.add_argument("--output", type=Path | None, default=None, help="Output folder (default: <root>/predict/vN).")
+    # Unset options keep the run's own settings.
+    parser.add_argument("--accelerator", type=str | None, default=None, help="Device: auto, cpu, gpu or mps.")
+    parser.add_argument("--devices", type=int | str | list[int] | None, default=None, help="1/auto or [index].")
+    parser.add_argument("--visualization.save", type=bool | None, default=None, help="Write result pictures.")
+    parser.add_argument("--visualization.max_side", type=int | None, default=None, help="Longest picture side.")
+    parser.add_argument("--visualization.grid", type=bool | None, default=None, help="Draw the tile grid.")
+
+
+def parse_args(command: str, args: list[str]) -> Namespace:
+    """Parse the arguments of a subcommand (``eval`` and ``--resume`` start from the run's config).
+
+    Raises:
+        ConfigError: With a one-line message on any parsing error.
+        RunDirectoryError: If ``--root``/``--resume`` is not a run.
+    """
+    parser = build_parser(command)
+    if command == "eval" and (root := _argument(args, "--root")) is not None:
+        args = ["--config", str(RunDirectory.open(root).config_path), *args]
+    if command == "train" and (root := _argument(args, "--resume")) is not None:
+        args = ["--config", str(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
+    try:
+        return parser.parse_args(args)
+    except ArgumentError as error:
+        raise ConfigError(condense_parser_error(str(error), parser)) from None
+
+
+def _argument(args: list[str], option: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == option and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(f"{option}="):
+            return arg.partition("=")[2]
+    return None

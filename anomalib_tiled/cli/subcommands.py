@@ -1,0 +1,8 @@
+"""Names and one-line descriptions of the ``tiled`` subcommands (imports nothing: help must be fast)."""
+
+SUBCOMMANDS = {
+    "train": "Train one model per tile position, then evaluate on the test split.",
+    "eval": "Evaluate a trained run on its test split (or on data given with --data).",
+    "predict": "Predict unlabeled images with a trained run.",
+    "report": "Rebuild the HTML report of a run's latest evaluation.",
+}

@@ -1,0 +1,132 @@
+"""Inference with a trained run: every tile of a split predicted, then merged, calibrated and written.
+
+:class:`SplitPredictor` makes sure a split's tile predictions are in the run's store — reused when
+stored (the test split predicted during training), otherwise decoded once and predicted by every
+tile model that lacks them. :func:`write_merged` streams the merged, calibrated predictions into
+the outputs; ``eval`` and ``predict`` both go through it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
+from anomalib_tiled.merging import merged_batches
+from anomalib_tiled.outputs import OutputWriter, Prediction, Sink, stream
+from anomalib_tiled.progress import ProgressListener, Task
+from anomalib_tiled.run import RunDirectory
+from anomalib_tiled.settings import EnsembleSettings
+from anomalib_tiled.sources import DatasetSource, FileSource, collect_images
+from anomalib_tiled.splits import SplitCache, SplitRecord, split_fingerprint
+from anomalib_tiled.store import run_store
+from anomalib_tiled.tile_jobs import TileContext, TileSplit
+from anomalib_tiled.tile_loop import TileLoop
+from anomalib_tiled.tiling import TilePosition
+from anomalib_tiled.validation import check_calibration_source
+
+
+class SplitPredictor:
+    """Makes sure every tile position has predicted a split.
+
+    Args:
+        context: Run, model factory and settings of the tile jobs.
+        settings: The ensemble's settings.
+        listener: Progress reporting.
+        batch_size: Tiles per batch when tile models predict.
+    """
+
+    def __init__(
+        self, context: TileContext, settings: EnsembleSettings, listener: ProgressListener, batch_size: int
+    ) -> None:
+        self.context = context
+        self.settings = settings
+        self.listener = listener
+        self.batch_size = batch_size
+
+    def missing(self, fingerprint: str) -> list[TilePosition]:
+        """Tile positions that have not predicted the split ``fingerprint`` yet."""
+        return self._loop().missing(run_store(self.context.run, fingerprint), fingerprint)
+
+    def _loop(self) -> TileLoop:
+        return TileLoop(self.context, self.settings.grid, self.listener)
+
+    def prepare(self, name: str, source: DatasetSource | FileSource, directory: Path, workers: int) -> SplitRecord:
+        """Record of the split in ``directory``, with every tile's predictions stored.
+
+        Stored predictions are reused; missing ones come from one decode of the images and one
+        checkpoint at a time.
+        """
+        run = self.context.run
+        fingerprint = split_fingerprint(source.image_paths, source.labels)
+        store = run_store(run, fingerprint)
+        missing = self.missing(fingerprint)
+        cache = SplitCache(run, self.settings.grid.image_size, self.listener)
+        recorded = None if missing else cache.recorded(fingerprint, directory)
+        if recorded is not None:
+            return recorded
+        record, images = cache.decode(name, source, directory, workers, images=bool(missing))
+        if images is not None:
+            try:
+                self._loop().predict(TileSplit(record, images, self.batch_size, store), missing)
+            finally:
+                cache.drop()
+        return record
+
+
+def calibrations_for(run: RunDirectory, settings: EnsembleSettings, output: Path | None) -> Calibrations:
+    """Statistics of the settings: the run's own, or learned again from its validation predictions.
+
+    Statistics learned again (post-processing settings changed) are saved in ``output``, never in the run.
+
+    Raises:
+        ConfigError: If they must be learned but the run has no validation split.
+    """
+    has_val = "val" in run.manifest().get("splits", {})
+    check_calibration_source(settings.postprocessing, has_validation=has_val)
+    record = SplitRecord.load(run.split_dir("val")) if has_val else None
+    saved = json.loads(run.stats_path.read_text(encoding="utf-8"))
+    store = run_store(run, record.fingerprint) if record is not None else None
+    return Calibrator(settings.grid, settings.postprocessing).reuse_or_learn(saved, record, store, output)
+
+
+def write_merged(
+    run: RunDirectory,
+    settings: EnsembleSettings,
+    record: SplitRecord,
+    calibrations: Calibrations,
+    sinks: list[Sink],
+    listener: ProgressListener,
+) -> None:
+    """Stream a split's merged, calibrated predictions into ``sinks``."""
+    grid = settings.grid
+    reader = run_store(run, record.fingerprint).reader([p.name for p in grid])
+    batches = merged_batches(record, reader, build_merger(grid, settings.postprocessing), calibrations)
+    with Task(listener, "Merging and evaluating", len(record)) as task:
+        stream(batches, sinks, task)
+
+
+def predict_images(
+    predictor: SplitPredictor, data_path: str | Path, output: Path, listener: ProgressListener
+) -> list[Prediction]:
+    """Predict unlabeled images into ``output``: maps, pictures and ``predictions.csv``.
+
+    The tile predictions of images that are not one of the run's splits are not kept in the run.
+    """
+    run, settings = predictor.context.run, predictor.settings
+    source = FileSource(collect_images(data_path))
+    output.mkdir(parents=True, exist_ok=True)
+    record = predictor.prepare("predict", source, output / "split", workers=os.cpu_count() or 1)
+    calibrations = calibrations_for(run, settings, output)
+    display_range = calibrations.pixel_range(run_store(run, record.fingerprint), settings.grid)
+    visualization = settings.postprocessing.visualization
+    with OutputWriter(output, settings.grid, visualization, display_range, output / "maps") as writer:
+        write_merged(run, settings, record, calibrations, [writer], listener)
+    predictions = writer.finish()
+    shutil.rmtree(output / "split", ignore_errors=True)
+    if record.fingerprint not in run.manifest().get("splits", {}).values():
+        shutil.rmtree(run_store(run, record.fingerprint).directory, ignore_errors=True)
+    listener.message(f"Predictions of {len(predictions)} images written to {output}")
+    return predictions

@@ -1,0 +1,264 @@
+"""Settings of a tiled ensemble: enums and plain dataclasses, nothing else.
+
+The settings are split by what may change once a run is trained:
+
+* :class:`TrainingSettings` — what the tile models depend on (tile geometry, seed, trainer); a run
+  fixes them;
+* :class:`PostProcessingSettings` — what turns tile predictions into results (normalisation,
+  thresholds, seam smoothing, merging, metrics, pictures); an evaluation may change them;
+* :class:`RuntimeSettings` — where work runs and writes (accelerator, devices, output root); any
+  command may change them, so a run trained on a GPU is evaluated on a CPU.
+
+Construction checks only values (ranges, enum names): no I/O, no imports of heavy libraries and no
+hardware checks. Those run just before work, in :mod:`anomalib_tiled.validation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from anomalib_tiled.errors import ConfigError, did_you_mean
+from anomalib_tiled.merging import ImageScore
+from anomalib_tiled.tiling import Blending, TileGrid
+
+
+class NormalizationStage(str, Enum):
+    """Where min-max normalisation happens: per tile model, on merged images, or not at all."""
+
+    TILE = "tile"
+    IMAGE = "image"
+    NONE = "none"
+
+
+class ThresholdStage(str, Enum):
+    """Where anomaly thresholds are computed and applied: per tile model or on merged images."""
+
+    TILE = "tile"
+    IMAGE = "image"
+
+
+# Config-file spellings of the enums (jsonargparse parses enums by member name, the guide uses values).
+NormalizationStageName = Literal["tile", "image", "none"]
+ThresholdStageName = Literal["tile", "image"]
+BlendingName = Literal["mean", "hann", "gaussian"]
+ImageScoreName = Literal["max_map", "mean_tiles", "max_tiles"]
+
+
+@dataclass
+class TilingConfig:
+    """Tile geometry as written in a config file.
+
+    Args:
+        tile_size: Tile size seen by each model, ``n`` or ``[height, width]``.
+        stride: Step between tiles, ``n`` or ``[height, width]``; defaults to the tile size
+            (no overlap). A stride smaller than the tile gives overlapping tiles.
+        image_size: Size the images are resized to before tiling, ``n`` or ``[height, width]``.
+            The guide format gives it as ``data.init_args.image_size``.
+    """
+
+    tile_size: int | tuple[int, int] = 256
+    stride: int | tuple[int, int] | None = None
+    image_size: int | tuple[int, int] | None = None
+
+
+@dataclass
+class ThresholdingConfig:
+    """Anomaly thresholds.
+
+    Args:
+        method: ``F1AdaptiveThreshold``, ``ManualThreshold``, a class path, or
+            ``{class_path, init_args}`` (e.g. ``ManualThreshold`` with ``default_value``).
+        stage: ``image`` computes thresholds on merged validation predictions; ``tile`` uses one
+            threshold per tile model.
+    """
+
+    method: str | dict = "F1AdaptiveThreshold"
+    stage: ThresholdStageName | ThresholdStage = "image"
+
+    def __post_init__(self) -> None:
+        self.stage = enum_value(ThresholdStage, self.stage, "thresholding.stage")
+
+    @property
+    def is_manual(self) -> bool:
+        """Whether the threshold is fixed by the user rather than learned from validation data."""
+        method = self.method.get("class_path", "") if isinstance(self.method, dict) else self.method
+        return str(method).rpartition(".")[2] == "ManualThreshold"
+
+
+@dataclass
+class SeamSmoothingConfig:
+    """Gaussian smoothing of the bands around tile borders.
+
+    Args:
+        apply: Smooth the seams.
+        sigma: Standard deviation of the Gaussian, in pixels.
+        width: Band width around every tile border, as a fraction of the tile size.
+    """
+
+    apply: bool = False
+    sigma: float = 2.0
+    width: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.sigma <= 0:
+            msg = f"SeamSmoothing.sigma: must be > 0, got {self.sigma}"
+            raise ConfigError(msg)
+        if not 0 < self.width <= 1:
+            msg = f"SeamSmoothing.width: must be in (0, 1] (a fraction of the tile size), got {self.width}"
+            raise ConfigError(msg)
+
+
+@dataclass
+class MergeConfig:
+    """How tile predictions become full-image predictions.
+
+    Args:
+        blending: Weighting of overlapping tiles: ``mean`` (uniform), ``hann`` or ``gaussian``
+            (smooth windows that favour tile centres).
+        image_score: ``max_map`` (max of the merged map, like anomalib models), ``mean_tiles``
+            or ``max_tiles`` (mean or max of the tile scores).
+    """
+
+    blending: BlendingName | Blending = "mean"
+    image_score: ImageScoreName | ImageScore = "max_map"
+
+    def __post_init__(self) -> None:
+        self.blending = enum_value(Blending, self.blending, "merge.blending")
+        self.image_score = enum_value(ImageScore, self.image_score, "merge.image_score")
+
+
+@dataclass
+class VisualizationConfig:
+    """Result images.
+
+    Args:
+        save: Write one PNG per test/predict image.
+        max_side: Longest side of the written images in pixels (native resolution up to this).
+        grid: Draw faint tile-grid lines.
+    """
+
+    save: bool = True
+    max_side: int = 1024
+    grid: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_side < 16:
+            msg = f"visualization.max_side: must be >= 16 pixels, got {self.max_side}"
+            raise ConfigError(msg)
+
+
+@dataclass
+class MetricsConfig:
+    """Metrics computed on merged test predictions.
+
+    Args:
+        image: Image-level metrics: names of anomalib metrics (``AUROC``, ``F1Score``, ``AUPR``...),
+            class paths, or ``{class_path, init_args}``.
+        pixel: Pixel-level metrics, same forms (``AUROC``, ``F1Score``, ``AUPRO``, ``AUPR``...).
+    """
+
+    image: list[str | dict] | str = field(default_factory=lambda: ["AUROC", "F1Score"])
+    pixel: list[str | dict] | str = field(default_factory=lambda: ["AUROC", "F1Score"])
+
+    def __post_init__(self) -> None:
+        self.image = _as_list(self.image)
+        self.pixel = _as_list(self.pixel)
+
+
+@dataclass
+class TrainingSettings:
+    """What the tile models depend on; a trained run fixes it.
+
+    Args:
+        grid: Tile grid.
+        seed: Seed of data splits and models (tile ``i`` is seeded with ``seed + i``).
+        trainer: Lightning Trainer arguments for every tile model (``callbacks`` and ``logger`` as
+            class specs or objects).
+    """
+
+    grid: TileGrid
+    seed: int = 42
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PostProcessingSettings:
+    """What turns tile predictions into results; an evaluation may change it."""
+
+    normalization_stage: NormalizationStageName | NormalizationStage = NormalizationStage.IMAGE
+    thresholding: ThresholdingConfig = field(default_factory=ThresholdingConfig)
+    seam_smoothing: SeamSmoothingConfig = field(default_factory=SeamSmoothingConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    visualization: VisualizationConfig = field(default_factory=VisualizationConfig)
+
+    def __post_init__(self) -> None:
+        self.normalization_stage = enum_value(NormalizationStage, self.normalization_stage, "normalization_stage")
+
+    @property
+    def needs_validation_split(self) -> bool:
+        """Whether normalisation or thresholding learn statistics from validation predictions."""
+        return self.normalization_stage != NormalizationStage.NONE or not self.thresholding.is_manual
+
+
+@dataclass
+class RuntimeSettings:
+    """Where the work runs and writes; any command may change it.
+
+    Args:
+        accelerator: ``auto``, ``cpu``, ``gpu``/``cuda`` or ``mps``.
+        devices: Device of the tile models: ``auto``/``1`` (the first one) or ``[index]``; ``None``
+            keeps ``TrainModels.trainer.devices``.
+        default_root_dir: Results root; runs go to ``<root>/<Model>/<Dataset>/<category>/vN``.
+    """
+
+    accelerator: str = "auto"
+    devices: int | str | list[int] | None = None
+    default_root_dir: Path = Path("results")
+
+    def __post_init__(self) -> None:
+        self.default_root_dir = Path(self.default_root_dir)
+
+
+@dataclass
+class EnsembleSettings:
+    """Everything the tiled ensemble needs besides the model and the data.
+
+    This is the single internal representation both config formats and the Python API resolve to.
+    """
+
+    training: TrainingSettings
+    postprocessing: PostProcessingSettings = field(default_factory=PostProcessingSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+    @property
+    def grid(self) -> TileGrid:
+        """The tile grid (the most used setting)."""
+        return self.training.grid
+
+
+def enum_value(enum_cls: type[Enum], value: Any, key: str) -> Any:
+    """``value`` as a member of ``enum_cls``.
+
+    Raises:
+        ConfigError: Naming ``key`` and the valid choices.
+    """
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = [member.value for member in enum_cls]
+        msg = f"{key}: unknown value {value!r}{did_you_mean(str(value), choices)}; use one of {choices}"
+        raise ConfigError(msg) from None
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str | dict):
+        return [value]
+    return list(value)

@@ -1,0 +1,86 @@
+"""Image sources of a split: a data module's dataset, or plain image files for ``predict``."""
+
+from __future__ import annotations
+
+import copy
+import glob
+from pathlib import Path
+from typing import Any
+
+from torchvision.datasets.folder import IMG_EXTENSIONS  # the extensions anomalib accepts
+
+from anomalib_tiled.errors import DataError
+
+UNKNOWN_LABEL = -1
+"""Label of an image whose class is not known (``predict``)."""
+
+
+class DatasetSource:
+    """Images of one split of an anomalib data module (its augmentations are not applied here).
+
+    Args:
+        dataset: The split's ``AnomalibDataset``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = copy.copy(dataset)
+        self.dataset.augmentations = None
+        samples = dataset.samples
+        self.image_paths = [str(path) for path in samples.image_path]
+        mask_paths = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
+        self.mask_paths = [path if isinstance(path, str) else "" for path in mask_paths]
+        self.has_masks = dataset.task.value == "segmentation"
+        self.labels = [int(label) for label in samples.label_index]
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def load(self, index: int) -> Any:
+        """Decoded image, mask and label of one sample."""
+        return self.dataset[index]
+
+
+class FileSource:
+    """Unlabeled image files (``predict``).
+
+    Args:
+        image_paths: Image files.
+    """
+
+    has_masks = False
+
+    def __init__(self, image_paths: list[str]) -> None:
+        self.image_paths = image_paths
+        self.mask_paths = [""] * len(image_paths)
+        self.labels = [UNKNOWN_LABEL] * len(image_paths)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def load(self, index: int) -> Any:
+        """Decoded image of one file."""
+        from anomalib.data import ImageItem  # noqa: PLC0415
+        from anomalib.data.utils import read_image  # noqa: PLC0415
+
+        path = self.image_paths[index]
+        return ImageItem(image=read_image(path, as_tensor=True), image_path=path)
+
+
+def collect_images(pattern: str | Path) -> list[str]:
+    """Image files of a folder (recursively), a single file, or a glob pattern, sorted.
+
+    Raises:
+        DataError: If nothing matches.
+    """
+    path = Path(pattern)
+    if path.is_dir():
+        candidates = [str(p) for p in path.rglob("*")]
+    elif path.is_file():
+        candidates = [str(path)]
+    else:
+        candidates = glob.glob(str(pattern), recursive=True)
+    images = sorted(p for p in candidates if Path(p).suffix.lower() in IMG_EXTENSIONS and Path(p).is_file())
+    if not images:
+        msg = f"--data: no images match '{pattern}'; give a folder, an image file or a glob such as 'images/*.png'"
+        raise DataError(msg)
+    return images

@@ -1,0 +1,75 @@
+"""Tile loop: fit every tile position, or predict a split with every trained tile model.
+
+The loop decides *which* tile jobs are needed (a resumed run skips tiles whose checkpoint and
+predictions are verified; an evaluation predicts only tiles whose predictions are missing) and hands
+them to a runner (:mod:`anomalib_tiled.runners`), which decides where they run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from anomalib_tiled.progress import ProgressListener, Task
+from anomalib_tiled.runners import Runner, SerialRunner
+from anomalib_tiled.store import PredictionStore
+from anomalib_tiled.tile_jobs import FitTileJob, PredictTileJob, TileContext, TileSplit
+from anomalib_tiled.tiling import TileGrid, TilePosition
+
+logger = logging.getLogger(__name__)
+
+
+class TileLoop:
+    """Runs the tile jobs of a run.
+
+    Args:
+        context: What every tile job shares (run, model factory, settings).
+        grid: The tile grid.
+        listener: Progress reporting.
+        runner: Where jobs run (default: one after another in this process).
+    """
+
+    def __init__(
+        self, context: TileContext, grid: TileGrid, listener: ProgressListener, runner: Runner | None = None
+    ) -> None:
+        self.context = context
+        self.grid = grid
+        self.listener = listener
+        self.runner = runner or SerialRunner()
+
+    def fit(self, train: TileSplit, val: TileSplit | None, test: TileSplit | None, monitored: list[str]) -> None:
+        """Fit every tile position that is not done yet.
+
+        Args:
+            train: Training split.
+            val: Validation split (predictions stored while fitting), or None.
+            test: Split predicted right after fitting (the test split when it differs from validation), or None.
+            monitored: Metrics callbacks monitor, computed on validation tiles.
+        """
+        stored = [split for split in (val, test) if split is not None]
+        jobs = []
+        for position in self.grid:
+            if self._is_done(position, stored):
+                logger.info("%s: checkpoint and predictions verified, skipping.", position.name)
+                continue
+            jobs.append(FitTileJob(self.context, position, train, val, test, monitored))
+        with Task(self.listener, "Training tile models", len(self.grid)) as task:
+            task.update(len(self.grid) - len(jobs))
+            self.runner.run(jobs, task)
+
+    def missing(self, store: PredictionStore, fingerprint: str) -> list[TilePosition]:
+        """Tile positions without stored predictions of the split ``fingerprint``."""
+        return [position for position in self.grid if not store.is_complete(position.name, fingerprint)]
+
+    def predict(self, split: TileSplit, positions: list[TilePosition]) -> None:
+        """Predict ``split`` with the trained models of ``positions``."""
+        jobs = [PredictTileJob(self.context, position, split) for position in positions]
+        with Task(self.listener, "Predicting tiles", len(jobs)) as task:
+            self.runner.run(jobs, task)
+
+    def _is_done(self, position: TilePosition, stored: list[TileSplit]) -> bool:
+        if self.context.run.verified_tile(position.name) is None:
+            return False
+        return all(
+            split.store is not None and split.store.is_complete(position.name, split.record.fingerprint)
+            for split in stored
+        )
