@@ -166,13 +166,14 @@ def heat_panel(
     return add_text_to_image(panel, caption, size=max(12, image.height // 28)).convert("RGB")
 
 
-def side_by_side(panels: list[Image.Image]) -> Image.Image:
-    """Panels of one height pasted left to right onto one RGB canvas."""
-    canvas = Image.new("RGB", (sum(panel.width for panel in panels), max(panel.height for panel in panels)))
+def side_by_side(panels: list[Image.Image], gap: int = 0) -> Image.Image:
+    """Panels of one height pasted left to right onto one RGB canvas, ``gap`` white pixels apart."""
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(panel.height for panel in panels)), "white")
     left = 0
     for panel in panels:
         canvas.paste(panel.convert("RGB"), (left, 0))
-        left += panel.width
+        left += panel.width + gap
     return canvas
 
 
