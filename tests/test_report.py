@@ -7,7 +7,6 @@ import io
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from anomalib_tiled.merging import MergedBatch
+from anomalib_tiled.metrics import MetricSuite
 from anomalib_tiled.report import ReportCollector, ReportData, load_report_data, plots, render_report
 from anomalib_tiled.report.curves import PRO_FPR_LIMIT
 from anomalib_tiled.report.data import Curve, Histogram, TileGridSummary
@@ -30,11 +30,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = {"model": "Padim", "grid": "2x2 tiles of 32 px", "stages": {"normalization": "image"}, "seed": 42}
 
 
-@dataclass
-class Synthetic:
-    """A fake evaluation: batches of merged predictions and their tile scores."""
-
-    batches: list[tuple[MergedBatch, torch.Tensor]]
+Batches = list[tuple[MergedBatch, torch.Tensor]]
+"""A fake evaluation: batches of merged predictions with their tile scores."""
 
 
 def source_images(folder: Path, count: int, seed: int = 0) -> list[str]:
@@ -98,18 +95,18 @@ def make_batch(
     return batch, tile_scores
 
 
-def synthetic(folder: Path, n_batches: int = 3, batch_size: int = 4, **kwargs: bool) -> Synthetic:
+def synthetic(folder: Path, n_batches: int = 3, batch_size: int = 4, **kwargs: bool) -> Batches:
     paths = source_images(folder, n_batches * batch_size)
     batches = []
     for b in range(n_batches):
         chunk = paths[b * batch_size : (b + 1) * batch_size]
         batches.append(make_batch(chunk, [i % 2 == 1 for i in range(len(chunk))], seed=b, **kwargs))
-    return Synthetic(batches)
+    return batches
 
 
-def collect(data: Synthetic, gallery_size: int = 3, threshold: float | None = THRESHOLD) -> ReportCollector:
+def collect(batches: Batches, gallery_size: int = 3, threshold: float | None = THRESHOLD) -> ReportCollector:
     collector = ReportCollector(GRID, threshold, (0.0, 1.0), gallery_size=gallery_size, max_side=128)
-    for batch, tile_scores in data.batches:
+    for batch, tile_scores in batches:
         collector.update(batch, tile_scores)
     return collector
 
@@ -199,14 +196,25 @@ def test_tile_grid_makes_the_weak_position_stand_out() -> None:
 # collector values
 
 
-def test_pixel_roc_runs_from_origin_to_one_and_matches_the_metric(report_dir: tuple[Path, ReportData]) -> None:
+def test_pixel_roc_runs_from_origin_to_one(report_dir: tuple[Path, ReportData]) -> None:
     _, data = report_dir
     roc = data.pixel_roc
     assert (roc.x[0], roc.y[0]) == (0.0, 0.0)
     assert (roc.x[-1], roc.y[-1]) == (1.0, 1.0)
     assert all(b >= a for a, b in zip(roc.x, roc.x[1:], strict=False))
-    assert 0.5 < roc.area <= 1.0
     assert len(roc.x) <= 1002
+
+
+def test_curve_areas_agree_with_the_metric_suite(tmp_path: Path) -> None:
+    batches = synthetic(tmp_path)
+    suite = MetricSuite(["AUROC"], ["AUROC"], (0.0, 1.0))
+    for batch, _ in batches:
+        suite.update(batch)
+    expected = suite.compute()
+    data = collect(batches).finish(tmp_path, expected, {}, {})
+    assert data.image_roc.area == pytest.approx(expected["image_AUROC"], abs=1e-6)
+    assert 0.5 < data.pixel_roc.area < 1.0
+    assert data.pixel_roc.area == pytest.approx(expected["pixel_AUROC"], abs=0.01)  # 1000 vs 32768 bins
 
 
 def test_pro_of_a_perfect_map_is_one_at_low_fpr(tmp_path: Path) -> None:
@@ -223,10 +231,10 @@ def test_pro_of_a_perfect_map_is_one_at_low_fpr(tmp_path: Path) -> None:
 def test_pro_agrees_with_anomalib(tmp_path: Path) -> None:
     from anomalib.metrics import AUPRO
 
-    data = synthetic(tmp_path)
-    collector = collect(data)
+    batches = synthetic(tmp_path)
+    collector = collect(batches)
     reference = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=PRO_FPR_LIMIT)
-    for batch, _ in data.batches:
+    for batch, _ in batches:
         reference.update(batch)
     assert collector.finish(tmp_path, {}, {}, {}).pro.area == pytest.approx(float(reference.compute()), abs=0.02)
 
@@ -306,6 +314,7 @@ def test_memory_stays_flat_in_the_number_of_images(tmp_path: Path) -> None:
     for index in range(40):
         collector.update(*make_batch(paths, [False, True, False, True], seed=index))
         if index + 1 in (10, 40):
+            assert all(len(heap) == 2 for heap in collector.galleries.values())
             sizes[index + 1] = _tensor_bytes(collector, set())
     assert sizes[10] == sizes[40] > 0
     # Per image, only scalars: path, score, labels and one row of tile scores and tile labels.
@@ -313,11 +322,16 @@ def test_memory_stays_flat_in_the_number_of_images(tmp_path: Path) -> None:
     assert all(isinstance(v, (str, float, bool, tuple)) or v is None for v in vars(collector.records[-1]).values())
 
 
-def test_report_data_round_trips_through_json(report_dir: tuple[Path, ReportData]) -> None:
+def test_report_data_round_trips_through_json_and_re_renders(
+    report_dir: tuple[Path, ReportData], tmp_path: Path
+) -> None:
     folder, data = report_dir
     assert load_report_data(folder) == data
     assert load_report_data(folder / "report_data.json") == ReportData.from_json(data.to_json())
     assert len((folder / "report_data.json").read_text(encoding="utf-8")) < 200_000
+    # `anomalib tiled report` re-renders from the JSON alone: the same page.
+    again = render_report(load_report_data(folder), tmp_path)
+    assert again.read_text(encoding="utf-8") == (folder / "report.html").read_text(encoding="utf-8")
 
 
 def test_report_without_anomalous_images_renders_with_the_note(tmp_path: Path) -> None:
@@ -330,6 +344,19 @@ def test_report_without_anomalous_images_renders_with_the_note(tmp_path: Path) -
     assert "No anomalous images in the test split: image AUROC &lt;is&gt; undefined." in page
     assert '<table id="metrics">' in page and "No metric could be computed" in page
     assert page.count('class="plot"') == 7
+    assert "No anomalous images" in collector.finish(tmp_path, {}, SETTINGS, {}).note  # written when none is given
+
+
+def test_missing_tile_scores_and_source_images_do_not_stop_the_report(tmp_path: Path) -> None:
+    paths = source_images(tmp_path / "images", 4)
+    batch, _ = make_batch(paths, [False, True, False, True], seed=2)
+    Path(paths[0]).unlink()  # a source moved after evaluation
+    collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0), gallery_size=4, max_side=64)
+    collector.update(batch, None)
+    data = collector.finish(tmp_path, {}, {}, {})
+    assert data.tile_grid.note == "no tile scores were recorded"
+    assert len(data.galleries[0].items) == 4
+    assert render_report(data, tmp_path).exists()
 
 
 # ------------------------------------------------------------------------------------------------
