@@ -181,7 +181,8 @@ def test_every_plot_draws_its_data(report_dir: tuple[Path, ReportData]) -> None:
 )
 def test_plots_of_degenerate_inputs_are_placeholders_not_errors(draw) -> None:
     image = open_png(draw())
-    assert non_white_fraction(image) > 0.001  # at least the title and the reason are written
+    assert image.width >= 400
+    assert non_white_fraction(image) > 0.001  # at least the reason is written
 
 
 def test_tile_grid_makes_the_weak_position_stand_out() -> None:

@@ -95,8 +95,10 @@ class ReportCollector:
         pred_labels = self._pred_labels(batch)
         tile_labels = self._tile_labels(batch.gt_mask)
         if batch.gt_mask is not None:
-            self.confusion += binned_confusion(batch.anomaly_map, batch.gt_mask, self.thresholds)
-            for anomaly_map, gt_mask in zip(batch.anomaly_map, batch.gt_mask, strict=True):
+            # The counts live on the CPU, whatever device the batch comes from.
+            maps, masks = batch.anomaly_map.detach().cpu(), batch.gt_mask.detach().cpu()
+            self.confusion += binned_confusion(maps, masks, self.thresholds)
+            for anomaly_map, gt_mask in zip(maps, masks, strict=True):
                 overlap, regions = curves.region_overlap(anomaly_map, gt_mask, self.thresholds)
                 self.overlap_sum += overlap
                 self.regions += regions
@@ -125,7 +127,8 @@ class ReportCollector:
         Args:
             directory: Report folder; pictures go to its ``gallery/`` subfolder.
             metrics: Metric values of the evaluation (may be empty).
-            settings: Run settings to list (model, grid, stages, seed, versions...).
+            settings: Run settings to list (model, grid, stages, seed, versions...); nested dicts
+                are listed as dotted keys, and ``model``, ``data`` and ``category`` name the title.
             timings: Durations in seconds, by stage.
             note: Why metrics are missing, or anything the reader should know first; when None a
                 note is written if the images are unlabeled or of one class only.

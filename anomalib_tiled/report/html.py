@@ -133,7 +133,7 @@ def _flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             rows.update(_flatten(value, f"{name}."))
         else:
-            rows[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+            rows[name] = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
     return rows
 
 

@@ -42,7 +42,8 @@ def figure_png(figure: Figure) -> bytes:
 
 def placeholder_png(reason: str) -> bytes:
     """A picture that says why a plot is empty (the page's heading names the plot)."""
-    figure = Figure(figsize=FIGURE_SIZE, layout="constrained")
+    # Low: a missing plot should not take a plot's room on the page.
+    figure = Figure(figsize=(FIGURE_SIZE[0], 1.6), layout="constrained")
     axes = figure.add_subplot()
     axes.set_axis_off()
     text = textwrap.fill(f"Not available: {reason}", 40)
@@ -76,57 +77,67 @@ def _axes(xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
     return figure, axes
 
 
-def _rate_curve(curve: Curve, labels: tuple[str, str, str], chance: bool) -> tuple[Figure, Axes]:
-    """A curve in the unit square with its area in the legend (and the chance diagonal)."""
+def _rate_plot(
+    curve: Curve,
+    labels: tuple[str, str, str],
+    chance: bool,
+    decorate: Callable[[Axes], None] | None = None,
+) -> bytes:
+    """A curve in the unit square with its area in the legend, or the placeholder saying why not.
+
+    Args:
+        curve: The curve.
+        labels: x-axis label, y-axis label and the name of the curve's area.
+        chance: Whether to draw the chance diagonal.
+        decorate: Draws anything else onto the axes before the legend.
+
+    Returns:
+        PNG bytes.
+    """
+    if not curve.x:
+        return placeholder_png(curve.note or "no data")
     xlabel, ylabel, area_name = labels
     figure, axes = _axes(xlabel, ylabel)
     label = area_name if curve.area is None else f"{area_name} = {curve.area:.4f}"
     axes.plot(curve.x, curve.y, linewidth=2, label=label)
     if chance:
         axes.plot([0, 1], [0, 1], linestyle="--", linewidth=1, color="gray", label="chance")
+    if decorate is not None:
+        decorate(axes)
     axes.set(xlim=(0, 1), ylim=(0, 1.02))
     axes.set_aspect("equal")
     axes.legend(loc="lower right")
-    return figure, axes
+    return figure_png(figure)
 
 
 @never_raises("Image ROC")
 def image_roc_plot(curve: Curve) -> bytes:
     """Image-level ROC curve, AUROC in the legend."""
-    if not curve.x:
-        return placeholder_png(curve.note or "no data")
-    labels = ("False-positive rate", "True-positive rate", "AUROC")
-    return figure_png(_rate_curve(curve, labels, chance=True)[0])
+    return _rate_plot(curve, ("False-positive rate", "True-positive rate", "AUROC"), chance=True)
 
 
 @never_raises("Image precision-recall")
 def image_pr_plot(curve: Curve) -> bytes:
     """Image-level precision-recall curve, average precision in the legend."""
-    if not curve.x:
-        return placeholder_png(curve.note or "no data")
-    labels = ("Recall", "Precision", "AP")
-    return figure_png(_rate_curve(curve, labels, chance=False)[0])
+    return _rate_plot(curve, ("Recall", "Precision", "AP"), chance=False)
 
 
 @never_raises("Pixel ROC")
 def pixel_roc_plot(curve: Curve) -> bytes:
     """Pixel-level ROC curve (binned), its AUROC in the legend."""
-    if not curve.x:
-        return placeholder_png(curve.note or "no data")
     labels = ("False-positive rate (pixels)", "True-positive rate (pixels)", "AUROC (binned)")
-    return figure_png(_rate_curve(curve, labels, chance=True)[0])
+    return _rate_plot(curve, labels, chance=True)
 
 
 @never_raises("Per-region overlap (PRO)")
 def pro_plot(curve: Curve) -> bytes:
     """PRO curve: mean overlap of ground-truth regions vs pixel FPR; the AUPRO range is shaded."""
-    if not curve.x:
-        return placeholder_png(curve.note or "no data")
     labels = ("False-positive rate (normal pixels)", "Mean per-region overlap", f"AUPRO@{PRO_FPR_LIMIT:g}")
-    figure, axes = _rate_curve(curve, labels, chance=False)
-    axes.axvspan(0, PRO_FPR_LIMIT, color="tab:blue", alpha=0.08, label=f"FPR ≤ {PRO_FPR_LIMIT:g}")
-    axes.legend(loc="lower right")
-    return figure_png(figure)
+
+    def shade(axes: Axes) -> None:
+        axes.axvspan(0, PRO_FPR_LIMIT, color="tab:blue", alpha=0.08, label=f"FPR ≤ {PRO_FPR_LIMIT:g}")
+
+    return _rate_plot(curve, labels, chance=False, decorate=shade)
 
 
 @never_raises("F1 vs threshold")
@@ -183,15 +194,17 @@ def tile_grid_plot(summary: TileGridSummary) -> bytes:
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=low, vmax=high)
     colorbar = figure.colorbar(image, ax=axes, shrink=0.85)
-    colorbar.set_label("tile AUROC (tile score vs tile ground truth)" if by_auroc else "std of normal tile scores")
+    colorbar.set_label(
+        "tile AUROC (tile score vs tile ground truth)" if by_auroc else "std of tile scores (normal tiles where known)"
+    )
     _annotate_cells(axes, image, values, kinds, by_auroc)
     weakest = int(np.nanargmin(shown) if by_auroc else np.nanargmax(shown))
     row, col = divmod(weakest, cols)
     if np.nanmin(shown) < np.nanmax(shown):
         # Box the weakest position, unless all are alike and none is weaker.
         axes.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=3))
-        measure = "AUROC" if by_auroc else "std"
-        axes.set_title(f"weakest position: {summary.names[weakest]} ({measure} {values[row, col]:.3f})")
+        which, measure = ("weakest", "AUROC") if by_auroc else ("noisiest", "std")
+        axes.set_title(f"{which} position: {summary.names[weakest]} ({measure} {values[row, col]:.3f})")
     xlabel = "Tile column"
     if by_auroc and bool((kinds == "std").any()):
         xlabel += "\n(grey: one class only at that position; std of its normal tile scores)"
