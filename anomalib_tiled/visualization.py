@@ -2,7 +2,8 @@
 
 Left panel: the image with the ground-truth outline (green) where known. Right panel: the anomaly
 heat-map over the image, the predicted-mask outline (red) and faint tile-grid lines; the score and
-predicted label are written on top.
+predicted label are written on top. The panels are drawn by small public functions
+(:func:`ground_truth_panel`, :func:`heat_panel`...) that the HTML report's gallery shares.
 
 Pictures are drawn and encoded by a small thread pool (PIL releases the GIL while it decodes,
 resizes and encodes), overlapping with merging and metrics in the main thread; at most a few are in
@@ -15,6 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -97,47 +99,106 @@ class ResultVisualizer:
 
     def draw(self, picture: ResultPicture) -> Image.Image:
         """Two-panel result image of one prediction."""
-        with Image.open(picture.image_path) as source:
-            image = source.convert("RGB")
-        scale = min(1.0, self.max_side / max(image.size))
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-
-        left = image.copy()
-        if picture.gt_mask is not None and bool(picture.gt_mask.any()):
-            _outline(left, picture.gt_mask, size, GT_COLOR)
-
-        low, high = self.display_range
-        heat = ((picture.anomaly_map.float() - low) / (high - low)).clamp(0, 1).mul(255).byte().numpy()
-        heat_image = apply_colormap(Image.fromarray(heat, "L").resize(size, Image.Resampling.BILINEAR))
-        right = Image.blend(image, heat_image.convert("RGB"), HEAT_ALPHA)
-        if picture.pred_mask is not None and bool(picture.pred_mask.any()):
-            _outline(right, picture.pred_mask, size, PRED_COLOR)
-        if self.draw_grid:
-            self._grid_lines(right)
-        right = add_text_to_image(right, picture.caption, size=max(12, size[1] // 28))
-
-        canvas = Image.new("RGB", (size[0] * 2, size[1]))
-        canvas.paste(left, (0, 0))
-        canvas.paste(right.convert("RGB"), (size[0], 0))
-        return canvas
-
-    def _grid_lines(self, image: Image.Image) -> None:
-        draw = ImageDraw.Draw(image, "RGBA")
-        scale_y = image.height / self.grid.image_size[0]
-        scale_x = image.width / self.grid.image_size[1]
-        for position in self.grid:
-            top, left = position.top * scale_y, position.left * scale_x
-            bottom, right = (position.top + position.height) * scale_y, (position.left + position.width) * scale_x
-            draw.rectangle([left, top, right - 1, bottom - 1], outline=GRID_COLOR)
+        image = load_image(picture.image_path, self.max_side)
+        left = ground_truth_panel(image, picture.gt_mask)
+        right = heat_panel(
+            image,
+            picture.anomaly_map,
+            picture.pred_mask,
+            self.display_range,
+            self.grid if self.draw_grid else None,
+            picture.caption,
+        )
+        return side_by_side([left, right])
 
 
-def _outline(image: Image.Image, mask: torch.Tensor, size: tuple[int, int], color: tuple[int, int, int]) -> None:
-    """Draw the contour of ``mask`` (resized to ``size``) onto ``image`` in place."""
+def load_image(path: str | Path, max_side: int) -> Image.Image:
+    """The image at ``path`` as RGB, scaled down so that its longest side is at most ``max_side``."""
+    with Image.open(path) as source:
+        image = source.convert("RGB")
+    scale = min(1.0, max_side / max(image.size))
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image
+
+
+def ground_truth_panel(image: Image.Image, gt_mask: torch.Tensor | None, fill_alpha: float = 0.0) -> Image.Image:
+    """A copy of ``image`` with the ground-truth outline, over a translucent fill when ``fill_alpha > 0``."""
+    panel = image.copy()
+    if gt_mask is not None and bool(gt_mask.any()):
+        if fill_alpha > 0:
+            draw_mask(panel, gt_mask, GT_COLOR, mode="fill", alpha=fill_alpha)
+        draw_mask(panel, gt_mask, GT_COLOR)
+    return panel
+
+
+def heat_panel(
+    image: Image.Image,
+    anomaly_map: torch.Tensor,
+    pred_mask: torch.Tensor | None,
+    display_range: tuple[float, float],
+    grid: TileGrid | None,
+    caption: str,
+) -> Image.Image:
+    """Anomaly heat-map over ``image`` with the predicted-mask outline, the tile grid and a caption.
+
+    Args:
+        image: RGB image, already at the panel size.
+        anomaly_map: ``(H, W)`` map at the tiled image size.
+        pred_mask: ``(H, W)`` predicted mask, or None.
+        display_range: Map values at the ends of the colour map (widened when empty).
+        grid: Tile grid to draw, or None for no grid.
+        caption: Text written in the top-left corner.
+
+    Returns:
+        The RGB panel, the size of ``image``.
+    """
+    low, high = display_range
+    high = high if high > low else low + 1.0
+    heat = ((anomaly_map.float() - low) / (high - low)).clamp(0, 1).mul(255).byte().numpy()
+    heat_image = apply_colormap(Image.fromarray(heat, "L").resize(image.size, Image.Resampling.BILINEAR))
+    panel = Image.blend(image, heat_image.convert("RGB"), HEAT_ALPHA)
+    if pred_mask is not None and bool(pred_mask.any()):
+        draw_mask(panel, pred_mask, PRED_COLOR)
+    if grid is not None:
+        draw_grid_lines(panel, grid)
+    return add_text_to_image(panel, caption, size=max(12, image.height // 28)).convert("RGB")
+
+
+def side_by_side(panels: list[Image.Image], gap: int = 0) -> Image.Image:
+    """Panels of one height pasted left to right onto one RGB canvas, ``gap`` white pixels apart."""
+    width = sum(panel.width for panel in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(panel.height for panel in panels)), "white")
+    left = 0
+    for panel in panels:
+        canvas.paste(panel.convert("RGB"), (left, 0))
+        left += panel.width + gap
+    return canvas
+
+
+def draw_grid_lines(image: Image.Image, grid: TileGrid) -> None:
+    """Draw the outline of every tile of ``grid`` (scaled to ``image``) onto ``image`` in place."""
+    draw = ImageDraw.Draw(image, "RGBA")
+    scale_y = image.height / grid.image_size[0]
+    scale_x = image.width / grid.image_size[1]
+    for position in grid:
+        top, left = position.top * scale_y, position.left * scale_x
+        bottom, right = (position.top + position.height) * scale_y, (position.left + position.width) * scale_x
+        draw.rectangle([left, top, right - 1, bottom - 1], outline=GRID_COLOR)
+
+
+def draw_mask(
+    image: Image.Image,
+    mask: torch.Tensor,
+    color: tuple[int, int, int],
+    mode: Literal["contour", "fill"] = "contour",
+    alpha: float = 0.5,
+) -> None:
+    """Draw ``mask`` (resized to ``image``) onto ``image`` in place, as a contour or a translucent fill."""
     pixels = Image.fromarray(mask.to(torch.uint8).mul(255).numpy().astype(np.uint8), "L")
-    contour = visualize_mask(pixels.resize(size, Image.Resampling.NEAREST), mode="contour", color=color)
-    image.paste(contour, (0, 0), contour)
+    overlay = visualize_mask(pixels.resize(image.size, Image.Resampling.NEAREST), mode=mode, color=color, alpha=alpha)
+    image.paste(overlay, (0, 0), overlay)
 
 
 def output_name(image_path: str, index: int) -> str:
