@@ -14,6 +14,8 @@ import sys
 import warnings
 from typing import TYPE_CHECKING
 
+from anomalib_tiled.noise import filter_log_lines, filter_warnings, is_tiled_command
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from importlib.abc import Loader
@@ -59,6 +61,11 @@ class _RegisteringLoader:
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
+        if is_tiled_command(sys.argv):
+            # anomalib's start-up (this module imports every model) would print notices that do not
+            # concern this command; this process runs nothing else.
+            filter_warnings()
+            filter_log_lines()
         self._loader.exec_module(module)
         registry = getattr(module, "PIPELINE_REGISTRY", None)
         if registry is None:

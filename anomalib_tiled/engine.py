@@ -132,6 +132,7 @@ class TiledEnsembleEngine:
         self.settings = settings
         self.progress = progress or ProgressListener()
         self.run: RunDirectory | None = None
+        self.evaluation_dir: Path | None = None
         self.factory: ModelFactory | None = None
         self.datamodule: Any = None
 
@@ -252,6 +253,7 @@ class TiledEnsembleEngine:
             output = run.new_output_dir("eval")
             results = evaluate(predictor, record, output)
         RunSession(run, len(self.grid)).evaluated(output, results)
+        self.evaluation_dir = output
         self.progress.message(f"Evaluation written to {output}")
         return [results]
 

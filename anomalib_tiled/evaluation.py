@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from anomalib_tiled.components import instantiate_datamodule
 from anomalib_tiled.errors import DataError
-from anomalib_tiled.inference import SplitPredictor, calibrations_for, write_merged
+from anomalib_tiled.inference import SplitPredictor, calibrations_for, run_summary, write_merged, write_report
 from anomalib_tiled.metrics import MetricSuite
 from anomalib_tiled.outputs import OutputWriter, write_metrics
+from anomalib_tiled.report import ReportCollector
+from anomalib_tiled.run import RunDirectory
 from anomalib_tiled.runconfig import read_run_config
 from anomalib_tiled.sources import DatasetSource
 from anomalib_tiled.splits import SplitRecord, recorded_fingerprint, setup_splits, split_fingerprint
@@ -59,15 +62,26 @@ def resolve_test_split(predictor: SplitPredictor, datamodule: Any) -> SplitRecor
 
 def evaluate(predictor: SplitPredictor, record: SplitRecord, output: Path) -> dict[str, float]:
     """Metrics of the merged, calibrated predictions of ``record``; outputs written to ``output``."""
+    started = time.perf_counter()
     run, settings = predictor.context.run, predictor.settings
     post = settings.postprocessing
     calibrations = calibrations_for(run, settings, output)
     pixel_range = calibrations.pixel_range(run_store(run, record.fingerprint), settings.grid)
     suite = MetricSuite(post.metrics.image, post.metrics.pixel if record.has_masks else [], pixel_range)
+    max_side = post.visualization.max_side
+    collector = ReportCollector(settings.grid, calibrations.image_threshold, pixel_range, max_side=max_side)
     with OutputWriter(output, settings.grid, post.visualization, pixel_range) as writer:
-        write_merged(run, settings, record, calibrations, [suite, writer], predictor.listener)
+        write_merged(run, settings, record, calibrations, [suite, writer, collector], predictor.listener)
     writer.finish()
     results = suite.compute()
     write_metrics(results, output)
+    timings = {**run_timings(run), "evaluation (s)": time.perf_counter() - started}
+    write_report(collector, output, results, run_summary(run, settings, predictor.context.factory.name), timings)
     logger.info("Evaluation of %d images written to %s: %s", len(record), output, results)
     return results
+
+
+def run_timings(run: RunDirectory) -> dict[str, float]:
+    """Training time recorded in the manifest, if any."""
+    seconds = run.manifest().get("training_seconds")
+    return {} if seconds is None else {"training (s)": float(seconds)}

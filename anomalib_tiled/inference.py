@@ -11,13 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
+from anomalib_tiled.configfile import as_yaml_value
 from anomalib_tiled.merging import merged_batches
 from anomalib_tiled.outputs import OutputWriter, Prediction, Sink, stream
 from anomalib_tiled.progress import ProgressListener, Task
+from anomalib_tiled.report import ReportCollector, render_report
 from anomalib_tiled.run import RunDirectory
+from anomalib_tiled.runconfig import read_run_config
 from anomalib_tiled.settings import EnsembleSettings
 from anomalib_tiled.sources import DatasetSource, FileSource, collect_images
 from anomalib_tiled.splits import SplitCache, SplitRecord, split_fingerprint
@@ -108,6 +114,40 @@ def write_merged(
         stream(batches, sinks, task)
 
 
+def run_summary(run: RunDirectory, settings: EnsembleSettings, model: str) -> dict[str, Any]:
+    """What a report lists about the run: model, data, grid, stages, seed and package versions."""
+    grid, post = settings.grid, settings.postprocessing
+    data_spec = read_run_config(run).data_spec or {}
+    return {
+        "model": model,
+        "data": str(data_spec.get("class_path", "")).rpartition(".")[2],
+        "category": (data_spec.get("init_args") or {}).get("category", ""),
+        "run": str(run.root),
+        "grid": f"{grid.shape[0]}x{grid.shape[1]} tiles of {grid.tile_size}, stride {grid.stride}",
+        "image size": str(grid.image_size),
+        "stages": {
+            "normalization": as_yaml_value(post.normalization_stage),
+            "thresholding": f"{post.thresholding.method} at {as_yaml_value(post.thresholding.stage)} stage",
+            "seam smoothing": post.seam_smoothing.apply,
+            "blending": as_yaml_value(post.merge.blending),
+            "image score": as_yaml_value(post.merge.image_score),
+        },
+        "seed": settings.training.seed,
+        "versions": {name: metadata.version(name) for name in ("anomalib-tiled", "anomalib", "torch", "lightning")},
+    }
+
+
+def write_report(
+    collector: ReportCollector,
+    output: Path,
+    metrics: dict[str, float],
+    summary: dict[str, Any],
+    timings: dict[str, float],
+) -> Path:
+    """``report.html`` (and its data and gallery) of an evaluation or a prediction."""
+    return render_report(collector.finish(output, metrics, summary, timings), output)
+
+
 def predict_images(
     predictor: SplitPredictor, data_path: str | Path, output: Path, listener: ProgressListener
 ) -> list[Prediction]:
@@ -115,6 +155,7 @@ def predict_images(
 
     The tile predictions of images that are not one of the run's splits are not kept in the run.
     """
+    started = time.perf_counter()
     run, settings = predictor.context.run, predictor.settings
     source = FileSource(collect_images(data_path))
     output.mkdir(parents=True, exist_ok=True)
@@ -122,9 +163,14 @@ def predict_images(
     calibrations = calibrations_for(run, settings, output)
     display_range = calibrations.pixel_range(run_store(run, record.fingerprint), settings.grid)
     visualization = settings.postprocessing.visualization
+    collector = ReportCollector(
+        settings.grid, calibrations.image_threshold, display_range, max_side=visualization.max_side
+    )
     with OutputWriter(output, settings.grid, visualization, display_range, output / "maps") as writer:
-        write_merged(run, settings, record, calibrations, [writer], listener)
+        write_merged(run, settings, record, calibrations, [writer, collector], listener)
     predictions = writer.finish()
+    summary = run_summary(run, settings, predictor.context.factory.name)
+    write_report(collector, output, {}, summary, {"prediction (s)": time.perf_counter() - started})
     shutil.rmtree(output / "split", ignore_errors=True)
     if record.fingerprint not in run.manifest().get("splits", {}).values():
         shutil.rmtree(run_store(run, record.fingerprint).directory, ignore_errors=True)

@@ -77,11 +77,22 @@ def file_digest(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def _versions(parent: Path) -> list[int]:
+    if not parent.is_dir():
+        return []
+    return [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))]
+
+
+def latest_version(parent: Path) -> Path | None:
+    """``parent/vN`` with the largest N, or None when there is none."""
+    versions = _versions(parent)
+    return parent / f"v{max(versions)}" if versions else None
+
+
 def next_version_dir(parent: Path) -> Path:
     """Create and return ``parent/vN`` with the next free N, and point ``parent/latest`` at it."""
     parent.mkdir(parents=True, exist_ok=True)
-    versions = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"v(\d+)", p.name))]
-    version = parent / f"v{max(versions, default=-1) + 1}"
+    version = parent / f"v{max(_versions(parent), default=-1) + 1}"
     version.mkdir()
     latest = parent / "latest"
     if latest.is_symlink() or latest.exists():

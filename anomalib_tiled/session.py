@@ -10,6 +10,7 @@ Signal handlers and the console belong to the application (the CLI), not to this
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +95,7 @@ class RunSession:
     def __init__(self, run: RunDirectory, tiles: int) -> None:
         self.run = run
         self.tiles = tiles
+        self.started = time.perf_counter()
 
     @contextmanager
     def training(self) -> Iterator[None]:
@@ -116,7 +118,9 @@ class RunSession:
 
     def trained(self, splits: dict[str, str]) -> None:
         """Mark the run complete, with the fingerprints of the splits it learned from."""
-        self.run.update_manifest(status=RunStatus.TRAINED, splits=splits)
+        # Time of this session only: a resumed run reports the time it took to finish.
+        seconds = round(time.perf_counter() - self.started, 1)
+        self.run.update_manifest(status=RunStatus.TRAINED, splits=splits, training_seconds=seconds)
 
     def evaluated(self, output: Path, results: dict[str, float]) -> None:
         """Record an evaluation folder and its metrics in the manifest."""

@@ -30,7 +30,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SETTINGS = {"model": "Padim", "grid": "2x2 tiles of 32 px", "stages": {"normalization": "image"}, "seed": 42}
 
 
-Batches = list[tuple[MergedBatch, torch.Tensor]]
+Batches = list[MergedBatch]
 """A fake evaluation: batches of merged predictions with their tile scores."""
 
 
@@ -60,7 +60,7 @@ def make_batch(
     seed: int,
     labelled: bool = True,
     perfect: bool = False,
-) -> tuple[MergedBatch, torch.Tensor]:
+) -> MergedBatch:
     """Random low maps; anomalous images get a blob of random strength, some normal ones a bright speck.
 
     With ``perfect``, the maps are the ground-truth masks. The last tile position's scores are noise,
@@ -91,8 +91,9 @@ def make_batch(
         pred_mask=maps >= THRESHOLD,
         gt_mask=masks if labelled else None,
         gt_label=torch.tensor(anomalous) if labelled else None,
+        tile_scores=tile_scores,
     )
-    return batch, tile_scores
+    return batch
 
 
 def synthetic(folder: Path, n_batches: int = 3, batch_size: int = 4, **kwargs: bool) -> Batches:
@@ -106,8 +107,8 @@ def synthetic(folder: Path, n_batches: int = 3, batch_size: int = 4, **kwargs: b
 
 def collect(batches: Batches, gallery_size: int = 3, threshold: float | None = THRESHOLD) -> ReportCollector:
     collector = ReportCollector(GRID, threshold, (0.0, 1.0), gallery_size=gallery_size, max_side=128)
-    for batch, tile_scores in batches:
-        collector.update(batch, tile_scores)
+    for batch in batches:
+        collector.update(batch)
     return collector
 
 
@@ -209,7 +210,7 @@ def test_pixel_roc_runs_from_origin_to_one(report_dir: tuple[Path, ReportData]) 
 def test_curve_areas_agree_with_the_metric_suite(tmp_path: Path) -> None:
     batches = synthetic(tmp_path)
     suite = MetricSuite(["AUROC"], ["AUROC"], (0.0, 1.0))
-    for batch, _ in batches:
+    for batch in batches:
         suite.update(batch)
     expected = suite.compute()
     data = collect(batches).finish(tmp_path, expected, {}, {})
@@ -235,24 +236,24 @@ def test_pro_agrees_with_anomalib(tmp_path: Path) -> None:
     batches = synthetic(tmp_path)
     collector = collect(batches)
     reference = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=PRO_FPR_LIMIT)
-    for batch, _ in batches:
+    for batch in batches:
         reference.update(batch)
     assert collector.finish(tmp_path, {}, {}, {}).pro.area == pytest.approx(float(reference.compute()), abs=0.02)
 
 
 def test_per_tile_labels_follow_the_ground_truth(tmp_path: Path) -> None:
     paths = source_images(tmp_path, 2)
-    batch, tile_scores = make_batch(paths, [False, False], seed=0)
+    batch = make_batch(paths, [False, False], seed=0)
     batch.gt_mask[1] = blob_mask(40, 2, 4) | blob_mask(30, 30, 4)  # bottom-left, and across all four tiles
     batch.gt_label = torch.tensor([False, True])
     collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0))
-    collector.update(batch, tile_scores)
+    collector.update(batch)
     assert collector.records[0].tile_labels == (False, False, False, False)
     assert collector.records[1].tile_labels == (True, True, True, True)
     batch.gt_mask[1] = blob_mask(40, 2, 4)
-    collector.update(batch, tile_scores)
+    collector.update(batch)
     assert collector.records[3].tile_labels == (False, False, True, False)
-    assert collector.records[3].tile_scores == tuple(tile_scores[1].tolist())
+    assert collector.records[3].tile_scores == tuple(batch.tile_scores[1].tolist())
 
 
 def test_galleries_keep_exactly_the_worst_images(tmp_path: Path) -> None:
@@ -261,9 +262,9 @@ def test_galleries_keep_exactly_the_worst_images(tmp_path: Path) -> None:
     truth = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1], dtype=torch.bool)
     collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0), gallery_size=3, max_side=64)
     for start in range(0, 12, 4):
-        batch, tile_scores = make_batch(paths[start : start + 4], truth[start : start + 4].tolist(), seed=start)
+        batch = make_batch(paths[start : start + 4], truth[start : start + 4].tolist(), seed=start)
         batch.pred_score = scores[start : start + 4]
-        collector.update(batch, tile_scores)
+        collector.update(batch)
     kept = {key: [c.score for c in heap.candidates()] for key, heap in collector.galleries.items()}
     assert kept["top"] == pytest.approx([0.95, 0.9, 0.8])
     # Normal images predicted anomalous (score >= 0.5), highest first: 0.95, 0.9, 0.7 (not 0.6 or 0.55).
@@ -313,7 +314,7 @@ def test_memory_stays_flat_in_the_number_of_images(tmp_path: Path) -> None:
     collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0), gallery_size=2)
     sizes = {}
     for index in range(40):
-        collector.update(*make_batch(paths, [False, True, False, True], seed=index))
+        collector.update(make_batch(paths, [False, True, False, True], seed=index))
         if index + 1 in (10, 40):
             assert all(len(heap) == 2 for heap in collector.galleries.values())
             sizes[index + 1] = _tensor_bytes(collector, set())
@@ -338,7 +339,7 @@ def test_report_data_round_trips_through_json_and_re_renders(
 def test_report_without_anomalous_images_renders_with_the_note(tmp_path: Path) -> None:
     paths = source_images(tmp_path / "images", 4)
     collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0), max_side=64)
-    collector.update(*make_batch(paths, [False] * 4, seed=1))
+    collector.update(make_batch(paths, [False] * 4, seed=1))
     note = "No anomalous images in the test split: image AUROC <is> undefined."
     data = collector.finish(tmp_path, {}, SETTINGS, {}, note=note)
     page = render_report(data, tmp_path).read_text(encoding="utf-8")
@@ -350,10 +351,11 @@ def test_report_without_anomalous_images_renders_with_the_note(tmp_path: Path) -
 
 def test_missing_tile_scores_and_source_images_do_not_stop_the_report(tmp_path: Path) -> None:
     paths = source_images(tmp_path / "images", 4)
-    batch, _ = make_batch(paths, [False, True, False, True], seed=2)
+    batch = make_batch(paths, [False, True, False, True], seed=2)
+    batch.tile_scores = None
     Path(paths[0]).unlink()  # a source moved after evaluation
     collector = ReportCollector(GRID, THRESHOLD, (0.0, 1.0), gallery_size=4, max_side=64)
-    collector.update(batch, None)
+    collector.update(batch)
     data = collector.finish(tmp_path, {}, {}, {})
     assert data.tile_grid.note == "no tile scores were recorded"
     assert len(data.galleries[0].items) == 4

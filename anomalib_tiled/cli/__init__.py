@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         )
         return EXIT_USAGE
     verbose = "--verbose" in options or "--verbose=true" in options
-    progress = ConsoleProgress(Console(stderr=True))
+    progress = ConsoleProgress(Console(stderr=True, soft_wrap=True))
     try:
         with command_environment(progress):
             from anomalib_tiled.cli.commands import COMMANDS  # noqa: PLC0415 - keeps --help free of torch

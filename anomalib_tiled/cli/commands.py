@@ -6,19 +6,20 @@ import dataclasses
 import sys
 from typing import TYPE_CHECKING
 
-from rich.table import Table
-
 from anomalib_tiled.cli.arguments import parse_args
 from anomalib_tiled.cli.console import ConsoleProgress, quiet_libraries
 from anomalib_tiled.components import instantiate_datamodule
 from anomalib_tiled.configfile import settings_from_namespace, spec_from_namespace
 from anomalib_tiled.engine import TiledEnsembleEngine
-from anomalib_tiled.errors import ConfigError
-from anomalib_tiled.run import RunDirectory
+from anomalib_tiled.errors import ConfigError, RunDirectoryError
+from anomalib_tiled.report import REPORT_DATA, REPORT_HTML, load_report_data, render_report
+from anomalib_tiled.run import RunDirectory, latest_version
 from anomalib_tiled.runconfig import check_frozen, read_run_config
 from anomalib_tiled.settings import RuntimeSettings
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from jsonargparse import Namespace
 
 
@@ -38,7 +39,7 @@ def train(options: list[str], progress: ConsoleProgress) -> int:
     datamodule = instantiate_datamodule(data_spec)
     if cfg.evaluate:
         results = engine.train(model_spec, datamodule, resume=cfg.resume, data_spec=data_spec)
-        _summary(progress, results[0], engine)
+        _summary(progress, results[0], engine.evaluation_dir)
     else:
         engine.fit(model_spec, datamodule, resume=cfg.resume, data_spec=data_spec)
     assert engine.run is not None
@@ -57,7 +58,7 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
     data_spec = spec_from_namespace(cfg.get("data"))
     datamodule = None if data_spec == trained.data_spec else instantiate_datamodule(data_spec)
     results = engine.test(datamodule=datamodule)
-    _summary(progress, results[0], engine)
+    _summary(progress, results[0], engine.evaluation_dir)
     return 0
 
 
@@ -80,7 +81,21 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate, "predict": predict}
+def report(options: list[str], progress: ConsoleProgress) -> int:
+    """``anomalib tiled report``: render an evaluation's ``report.html`` again from its saved data."""
+    cfg = _parse("report", options)
+    run = RunDirectory.open(cfg.root)
+    folder = run.root / "eval" / cfg.eval if cfg.eval else latest_version(run.root / "eval")
+    if folder is None or not (folder / REPORT_DATA).is_file():
+        where = folder or run.root / "eval"
+        msg = f"--root: no {REPORT_DATA} in {where}; evaluate the run with 'anomalib tiled eval --root {run.root}'"
+        raise RunDirectoryError(msg)
+    page = render_report(load_report_data(folder), folder)
+    progress.message(f"Report: {page}")
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "report": report}
 
 
 def _parse(command: str, options: list[str]) -> Namespace:
@@ -89,10 +104,9 @@ def _parse(command: str, options: list[str]) -> Namespace:
     return cfg
 
 
-def _summary(progress: ConsoleProgress, results: dict[str, float], engine: TiledEnsembleEngine) -> None:
-    table = Table(title="Tiled ensemble")
-    table.add_column("Metric")
-    table.add_column("Value", justify="right")
-    for name, value in results.items():
-        table.add_row(name, f"{value:.4f}")
-    progress.console.print(table)
+def _summary(progress: ConsoleProgress, results: dict[str, float], output: Path | None) -> None:
+    """The three lines a run ends with: metrics, run folder, report."""
+    assert output is not None
+    progress.message("Metrics: " + ", ".join(f"{name} {value:.4f}" for name, value in results.items()))
+    progress.message(f"Run: {output.parent.parent}")
+    progress.message(f"Report: {output / REPORT_HTML}")

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from anomalib_tiled.noise import filter_warnings
 from anomalib_tiled.progress import ProgressListener
 
 PACKAGE_LOGGER = "anomalib_tiled"
@@ -28,14 +29,6 @@ PACKAGE_LOGGER = "anomalib_tiled"
 # Tasks whose every step is a tile model: reported line by line when not on a terminal.
 TILE_TASKS = ("Training tile models", "Predicting tiles")
 
-# Lightning's notes on memory-bank models (no optimizer, frozen backbone in eval mode) and known
-# import-time deprecations of anomalib's dependencies say nothing about the user's run.
-QUIET_WARNINGS = (
-    (FutureWarning, ""),
-    (UserWarning, "`LightningModule.configure_optimizers` returned `None`"),
-    (UserWarning, "Found .* module\\(s\\) in eval mode"),
-    (Warning, "`isinstance\\(treespec, LeafSpec\\)`"),
-)
 QUIET_LOGGERS = (
     "lightning",
     "lightning.pytorch",
@@ -126,8 +119,7 @@ def command_environment(progress: ConsoleProgress) -> Iterator[None]:
     package.addHandler(console_handler)
     quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     with warnings.catch_warnings(), _signals(progress):
-        for category, message in QUIET_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
+        filter_warnings()
         try:
             yield
         finally:

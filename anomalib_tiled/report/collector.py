@@ -85,13 +85,9 @@ class ReportCollector:
         self.regions = 0
         self.galleries = {key: BoundedHeap(gallery_size) for key in GALLERY_TITLES}
 
-    def update(self, batch: MergedBatch, tile_scores: torch.Tensor | None) -> None:
-        """Add one batch of merged predictions.
-
-        Args:
-            batch: Merged predictions with whatever ground truth is known.
-            tile_scores: ``(B, n_tiles)`` tile scores in the grid's row-major order, or None.
-        """
+    def update(self, batch: MergedBatch) -> None:
+        """Add one batch of merged predictions, with whatever ground truth and tile scores are known."""
+        tile_scores = batch.tile_scores
         pred_labels = self._pred_labels(batch)
         tile_labels = self._tile_labels(batch.gt_mask)
         if batch.gt_mask is not None:

@@ -154,7 +154,10 @@ def f1_threshold_plot(curve: Curve, threshold: float | None) -> bytes:
         axes.text(0.02, 0.04, "No image threshold was set.", transform=axes.transAxes, color="dimgray")
     else:
         # F1 holds its value up to the next distinct score: step interpolation, not linear.
-        at = curve.y[max(0, int(np.searchsorted(curve.x, threshold, side="right")) - 1)]
+        # anomalib's post-processor labels a score anomalous when it is above the threshold, so the F1
+        # shown is that of the first curve point past it (what the metrics table reports).
+        index = int(np.searchsorted(curve.x, threshold, side="right"))
+        at = curve.y[index] if index < len(curve.y) else 0.0
         axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g} (F1 {at:.3f})")
     axes.set_ylim(0, 1.02)
     axes.legend(loc="best")
