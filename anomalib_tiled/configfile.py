@@ -32,6 +32,7 @@ from anomalib_tiled.settings import (
     TilingConfig,
     TrainingSettings,
     VisualizationConfig,
+    tile_grid,
 )
 from anomalib_tiled.tiling import TileGrid, to_pair
 
@@ -147,14 +148,14 @@ def _grid(tiling: Namespace) -> TileGrid:
     if tiling.image_size is None:
         msg = "tiling.image_size: missing; set tiling.image_size (or data.init_args.image_size), e.g. [512, 512]"
         raise ConfigError(msg)
+    sizes = {key: getattr(tiling, key) for key in ("image_size", "tile_size", "stride")}
     try:
-        return TileGrid.create(
-            image_size=to_pair(_sequence(tiling.image_size), "tiling.image_size"),
-            tile_size=to_pair(_sequence(tiling.tile_size), "tiling.tile_size"),
-            stride=None if tiling.stride is None else to_pair(_sequence(tiling.stride), "tiling.stride"),
-        )
+        pairs = {
+            key: None if value is None else to_pair(_sequence(value), f"tiling.{key}") for key, value in sizes.items()
+        }
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    return tile_grid(pairs["image_size"], pairs["tile_size"], pairs["stride"])
 
 
 def _sequence(value: Any) -> Any:

@@ -10,10 +10,7 @@ Example:
     >>> results = engine.test(datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
     >>> predictions = engine.predict(data_path="images/")  # doctest: +SKIP
 
-The engine is a façade: each public method is a short list of stage calls. The stages, in data
-order: :mod:`~anomalib_tiled.training` (checks, :mod:`~anomalib_tiled.splits`,
-:mod:`~anomalib_tiled.tile_loop`, :mod:`~anomalib_tiled.calibration`),
-:mod:`~anomalib_tiled.evaluation` and :mod:`~anomalib_tiled.inference` (merging, metrics, outputs).
+A façade: each public method is a short list of stage calls (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -24,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_tiled.configfile import object_spec
-from anomalib_tiled.errors import ConfigError, RunDirectoryError
+from anomalib_tiled.errors import RunDirectoryError
 from anomalib_tiled.evaluation import evaluate, resolve_test_split
 from anomalib_tiled.inference import SplitPredictor, predict_images
 from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import Prediction
 from anomalib_tiled.progress import ProgressListener
 from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config
+from anomalib_tiled.runconfig import RunConfig, read_run_config
 from anomalib_tiled.session import RunLog, RunSession, create_run, resume_run
 from anomalib_tiled.settings import (
     EnsembleSettings,
@@ -45,13 +42,10 @@ from anomalib_tiled.settings import (
     ThresholdStage,
     TrainingSettings,
     VisualizationConfig,
+    tile_grid,
 )
-from anomalib_tiled.tile_jobs import TileContext
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.training import TrainingPlan, check_settings
-from anomalib_tiled.validation import check_writable
-
-__all__ = ["Prediction", "TiledEnsembleEngine"]
+from anomalib_tiled.training import TrainingPlan
 
 
 class TiledEnsembleEngine:
@@ -105,23 +99,16 @@ class TiledEnsembleEngine:
             thresholding = ThresholdingConfig(method=thresholding, stage=threshold_stage)
         if not isinstance(seam_smoothing, SeamSmoothingConfig):
             seam_smoothing = SeamSmoothingConfig(apply=bool(seam_smoothing))
-        defaults = MetricsConfig()
-        try:
-            grid = TileGrid.create(image_size, tile_size, stride)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        metrics = {"image": image_metrics, "pixel": pixel_metrics}
         trainer = {**trainer_kwargs, **({"callbacks": list(callbacks)} if callbacks else {})}
         settings = EnsembleSettings(
-            training=TrainingSettings(grid=grid, seed=seed, trainer=trainer),
+            training=TrainingSettings(grid=tile_grid(image_size, tile_size, stride), seed=seed, trainer=trainer),
             postprocessing=PostProcessingSettings(
                 normalization_stage=normalization_stage,
                 thresholding=thresholding,
                 seam_smoothing=seam_smoothing,
                 merge=MergeConfig(blending=blending, image_score=image_score),
-                metrics=MetricsConfig(
-                    image=defaults.image if image_metrics is None else list(image_metrics),
-                    pixel=defaults.pixel if pixel_metrics is None else list(pixel_metrics),
-                ),
+                metrics=MetricsConfig(**{level: list(specs) for level, specs in metrics.items() if specs is not None}),
                 visualization=visualization or VisualizationConfig(),
             ),
             runtime=RuntimeSettings(accelerator=accelerator, default_root_dir=Path(default_root_dir)),
@@ -132,9 +119,9 @@ class TiledEnsembleEngine:
         self.settings = settings
         self.progress = progress or ProgressListener()
         self.run: RunDirectory | None = None
-        self.evaluation_dir: Path | None = None
         self.factory: ModelFactory | None = None
         self.datamodule: Any = None
+        self.evaluation_dir: Path | None = None  # the last evaluation's folder
 
     @classmethod
     def from_settings(cls, settings: EnsembleSettings, progress: ProgressListener | None = None) -> TiledEnsembleEngine:
@@ -154,26 +141,19 @@ class TiledEnsembleEngine:
     ) -> TiledEnsembleEngine:
         """Engine for a trained run: its own settings, or ``settings`` checked against the run's.
 
-        Args:
-            root: The run directory.
-            settings: Settings to use instead of the run's (post-processing may differ).
-            runtime: Where to run now (e.g. ``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run).
-            progress: Receives progress.
+        ``runtime`` says where to run now (``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run).
 
         Raises:
             RunDirectoryError: If ``root`` is not a finished run.
-            ConfigError: If ``settings`` change what the run was trained with (tiling, seed, blending...).
+            ConfigError: If ``settings`` change what the run was trained with (tiling, seed, model...).
         """
         run = RunDirectory.open(root)
         trained = read_run_config(run)
-        if settings is not None:
-            check_frozen(trained, settings, None, "from_run")
-        chosen = settings or trained.settings
-        if runtime is not None:
-            chosen = dataclasses.replace(chosen, runtime=runtime)
-        engine = cls.from_settings(chosen, progress)
-        engine.run = run
-        engine.factory = ModelFactory.from_spec(trained.model_spec)
+        chosen = trained.settings if settings is None else trained.checked(settings, "from_run")
+        engine = cls.from_settings(
+            chosen if runtime is None else dataclasses.replace(chosen, runtime=runtime), progress
+        )
+        engine.run, engine.factory = run, ModelFactory.from_spec(trained.model_spec)
         return engine
 
     @property
@@ -184,30 +164,22 @@ class TiledEnsembleEngine:
     def fit(
         self, model: Any, datamodule: Any, *, resume: str | Path | None = None, data_spec: dict | None = None
     ) -> RunDirectory:
-        """Train one model per tile position and learn normalisation/threshold statistics.
+        """Train one model per tile position, learn normalisation/threshold statistics; return the run.
 
         Args:
-            model: Model template: an ``AnomalibModule`` instance (its class and hyper-parameters are
-                used), a model class, a name (``"Padim"``) or ``{class_path, init_args}``.
+            model: An ``AnomalibModule`` (its class and hyper-parameters), a class, a name or a class spec.
             datamodule: Any anomalib image data module.
             resume: Run directory of an interrupted run: finished, verified tiles are kept.
-            data_spec: ``{class_path, init_args}`` of the data module for the run's config (the CLI
-                passes the one it parsed); derived from the instance when omitted.
-
-        Returns:
-            The run directory.
+            data_spec: The data module's class spec for the run's config (default: read off the instance).
         """
         return self._fit(model, datamodule, resume, data_spec, evaluate=False)
 
     def train(
         self, model: Any, datamodule: Any, *, resume: str | Path | None = None, data_spec: dict | None = None
     ) -> list[dict[str, float]]:
-        """Fit, then test on the data module's test split (like ``Engine.train``).
+        """Fit, then test on the data module's test split (like ``Engine.train``); ``[metrics]`` as :meth:`test`.
 
         Test tiles are predicted right after each tile model is fitted, while it is still in memory.
-
-        Returns:
-            ``[metrics]`` as :meth:`test` returns them.
         """
         self._fit(model, datamodule, resume, data_spec, evaluate=True)
         return self.test(datamodule=datamodule)
@@ -218,13 +190,7 @@ class TiledEnsembleEngine:
         self.factory = ModelFactory.from_spec(model)
         plan = TrainingPlan.prepare(self.settings, self.factory, datamodule, evaluate=evaluate)
         config = RunConfig(self.settings, self.factory.spec, data_spec or object_spec(datamodule))
-        if resume is not None:
-            self.run = resume_run(resume, config)
-        else:
-            check_writable(self.settings.runtime.default_root_dir)
-            dataset = getattr(datamodule, "name", type(datamodule).__name__)
-            category = getattr(datamodule, "category", "") or ""
-            self.run = create_run(self.settings.runtime.default_root_dir, config, dataset, category, self.factory.name)
+        self.run = resume_run(resume, config) if resume is not None else create_run(config, datamodule)
         self.datamodule = datamodule
         self.progress.message(f"Run directory: {self.run.root}")
         session = RunSession(self.run, len(self.grid))
@@ -235,9 +201,8 @@ class TiledEnsembleEngine:
     def test(self, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate the trained ensemble on a test split.
 
-        Tile predictions already stored for this split (e.g. by :meth:`train`) are reused; otherwise
-        every tile checkpoint is loaded in turn to predict it. Results go to a new ``eval/vN`` folder
-        of the run: ``metrics.json``, ``metrics.csv``, ``predictions.csv`` and ``images/``.
+        Stored tile predictions of the split are reused, missing ones predicted. Results go to a new
+        ``eval/vN`` folder: ``metrics.json``/``.csv``, ``predictions.csv``, ``images/``, ``report.html``.
 
         Args:
             datamodule: Data module whose test split is evaluated; defaults to the one used by
@@ -265,8 +230,8 @@ class TiledEnsembleEngine:
             output: Output folder; defaults to a new ``predict/vN`` folder of the run.
 
         Returns:
-            One :class:`Prediction` per image; anomaly maps are ``.npy`` files in ``<output>/maps``,
-            pictures in ``<output>/images``, and ``<output>/predictions.csv`` lists them all.
+            One :class:`Prediction` per image; ``<output>`` holds ``maps/``, ``images/``,
+            ``predictions.csv`` and ``report.html``.
         """
         predictor = self._predictor(None)
         run = predictor.context.run
@@ -275,19 +240,9 @@ class TiledEnsembleEngine:
             return predict_images(predictor, data_path, out, self.progress)
 
     def _predictor(self, datamodule: Any) -> SplitPredictor:
-        """Tile inference of the trained run, after checking the settings against this machine."""
         if self.run is None:
             msg = "no trained run: call fit() first or create the engine with TiledEnsembleEngine.from_run(path)"
             raise RunDirectoryError(msg)
-        check_settings(self.settings)
-        trained = read_run_config(self.run)
-        if self.factory is None:
-            self.factory = ModelFactory.from_spec(trained.model_spec)
-        context = TileContext(self.run, self.factory, self.settings.training, self.settings.runtime)
-        batch = getattr(datamodule, "eval_batch_size", None) or _eval_batch_size(trained.data_spec)
-        return SplitPredictor(context, self.settings, self.progress, batch)
-
-
-def _eval_batch_size(data_spec: dict | None) -> int:
-    """The run's data-module eval batch size (anomalib's default, 32, when unknown)."""
-    return int(((data_spec or {}).get("init_args") or {}).get("eval_batch_size") or 32)
+        predictor = SplitPredictor.for_run(self.run, self.settings, self.progress, datamodule, self.factory)
+        self.factory = predictor.context.factory
+        return predictor

@@ -19,6 +19,7 @@ from typing import Any
 from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
 from anomalib_tiled.configfile import as_yaml_value
 from anomalib_tiled.merging import merged_batches
+from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import OutputWriter, Prediction, Sink, stream
 from anomalib_tiled.progress import ProgressListener, Task
 from anomalib_tiled.report import ReportCollector, render_report
@@ -31,7 +32,7 @@ from anomalib_tiled.store import run_store
 from anomalib_tiled.tile_jobs import TileContext, TileSplit
 from anomalib_tiled.tile_loop import TileLoop
 from anomalib_tiled.tiling import TilePosition
-from anomalib_tiled.validation import check_calibration_source
+from anomalib_tiled.validation import check_calibration_source, check_settings
 
 
 class SplitPredictor:
@@ -51,6 +52,26 @@ class SplitPredictor:
         self.settings = settings
         self.listener = listener
         self.batch_size = batch_size
+
+    @classmethod
+    def for_run(
+        cls,
+        run: RunDirectory,
+        settings: EnsembleSettings,
+        listener: ProgressListener,
+        datamodule: Any = None,
+        factory: ModelFactory | None = None,
+    ) -> SplitPredictor:
+        """Tile inference of a trained run, after checking the settings against this machine.
+
+        Tiles are predicted in batches of the data module's ``eval_batch_size`` (else the run's, else 32).
+        """
+        check_settings(settings)
+        trained = read_run_config(run)
+        factory = factory or ModelFactory.from_spec(trained.model_spec)
+        data_args = (trained.data_spec or {}).get("init_args") or {}
+        batch = getattr(datamodule, "eval_batch_size", None) or data_args.get("eval_batch_size") or 32
+        return cls(TileContext(run, factory, settings.training, settings.runtime), settings, listener, int(batch))
 
     def missing(self, fingerprint: str) -> list[TilePosition]:
         """Tile positions that have not predicted the split ``fingerprint`` yet."""

@@ -43,6 +43,11 @@ class RunConfig:
     model_spec: dict[str, Any]
     data_spec: dict[str, Any] | None
 
+    def checked(self, settings: EnsembleSettings, command: str) -> EnsembleSettings:
+        """``settings``, after checking they keep what this run was trained with (see :func:`check_frozen`)."""
+        check_frozen(self, settings, None, command)
+        return settings
+
 
 def write_run_config(run: RunDirectory, config: RunConfig) -> None:
     """Write ``config.yaml`` (atomically)."""

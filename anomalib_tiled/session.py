@@ -15,10 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from anomalib_tiled.errors import RunInterruptedError
 from anomalib_tiled.run import RunDirectory, RunStatus
 from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config, write_run_config
+from anomalib_tiled.validation import check_writable
 
 PACKAGE_LOGGER = "anomalib_tiled"
 
@@ -65,9 +67,18 @@ class RunLog:
         self.handler.close()
 
 
-def create_run(default_root_dir: Path, config: RunConfig, dataset: str, category: str, model: str) -> RunDirectory:
-    """A new ``<root>/<Model>/<Dataset>/<category>/vN`` run with its ``config.yaml``."""
-    run = RunDirectory.create(default_root_dir, model, dataset, category)
+def create_run(config: RunConfig, datamodule: Any) -> RunDirectory:
+    """A new ``<default_root_dir>/<Model>/<Dataset>/<category>/vN`` run with its ``config.yaml``.
+
+    Raises:
+        RunDirectoryError: If ``default_root_dir`` is not writable.
+    """
+    root = config.settings.runtime.default_root_dir
+    check_writable(root)
+    dataset = getattr(datamodule, "name", type(datamodule).__name__)
+    category = getattr(datamodule, "category", "") or ""
+    model = str(config.model_spec["class_path"]).rpartition(".")[2]
+    run = RunDirectory.create(root, model, dataset, category)
     write_run_config(run, config)
     return run
 

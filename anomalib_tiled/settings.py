@@ -240,6 +240,18 @@ class EnsembleSettings:
         return self.training.grid
 
 
+def tile_grid(image_size: Any, tile_size: Any, stride: Any) -> TileGrid:
+    """The tile grid of these sizes (``n`` or ``(h, w)`` each; ``stride`` None: no overlap).
+
+    Raises:
+        ConfigError: Naming the size that does not fit.
+    """
+    try:
+        return TileGrid.create(image_size, tile_size, stride)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def enum_value(enum_cls: type[Enum], value: Any, key: str) -> Any:
     """``value`` as a member of ``enum_cls``.
 

@@ -25,22 +25,9 @@ from anomalib_tiled.splits import SplitCache, link_split, setup_splits, split_fi
 from anomalib_tiled.store import run_store
 from anomalib_tiled.tile_jobs import TileContext, TileSplit, release
 from anomalib_tiled.tile_loop import TileLoop
-from anomalib_tiled.validation import (
-    check_metric_inputs,
-    check_postprocessing,
-    check_runtime,
-    check_trainer,
-    check_training_splits,
-)
+from anomalib_tiled.validation import check_metric_inputs, check_settings, check_training_splits
 
 logger = logging.getLogger(__name__)
-
-
-def check_settings(settings: EnsembleSettings) -> None:
-    """Checks of the settings against this machine and the installed libraries, before any work."""
-    check_runtime(settings.runtime)
-    check_trainer(settings.training.trainer)
-    check_postprocessing(settings.postprocessing)
 
 
 @dataclass

@@ -17,9 +17,16 @@ from typing import Any
 from anomalib_tiled.components import threshold_class
 from anomalib_tiled.errors import ConfigError, DataError, RunDirectoryError, did_you_mean
 from anomalib_tiled.metrics import build_metric
-from anomalib_tiled.settings import MetricsConfig, PostProcessingSettings, RuntimeSettings
+from anomalib_tiled.settings import EnsembleSettings, MetricsConfig, PostProcessingSettings, RuntimeSettings
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def check_settings(settings: EnsembleSettings) -> None:
+    """Checks of the settings against this machine and the installed libraries, before any work."""
+    check_runtime(settings.runtime)
+    check_trainer(settings.training.trainer)
+    check_postprocessing(settings.postprocessing)
 
 
 def check_runtime(runtime: RuntimeSettings) -> None:

@@ -1,0 +1,115 @@
+"""Command behaviour users rely on: runs move between machines, reports, and what the console shows."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_tiled.cli import main
+from anomalib_tiled.synthetic import CATEGORY
+from tests.conftest import IMAGE_SIZE, TILE_SIZE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_copy(trained_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy, symlinks=True)
+    return copy
+
+
+def _latest(folder: Path) -> Path:
+    return max(folder.glob("v*"), key=lambda path: int(path.name[1:]))
+
+
+def _metrics(folder: Path) -> dict[str, float]:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a GPU-trained run on a machine without a GPU")
+def test_a_gpu_trained_run_is_evaluated_and_predicted_on_a_cpu(
+    run_copy: Path, dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = run_copy / "config.yaml"
+    config.write_text(config.read_text().replace("accelerator: cpu", "accelerator: gpu"))
+    # Tile predictions are dropped so that evaluation runs every tile model again, on the CPU.
+    shutil.rmtree(run_copy / "predictions")
+    assert main(["eval", "--root", str(run_copy)]) == 2
+    assert "accelerator: 'gpu' requested but no CUDA GPU is available" in capsys.readouterr().err
+    assert main(["eval", "--root", str(run_copy), "--accelerator", "cpu"]) == 0
+    assert _metrics(_latest(run_copy / "eval")) == pytest.approx(_metrics(run_copy / "eval" / "v0"), abs=1e-6)
+    images = str(dataset_root / CATEGORY / "test" / "blob")
+    output = tmp_path / "predicted"
+    assert main(["predict", "--root", str(run_copy), "--data", images, "--output", str(output)]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    command = ["predict", "--root", str(run_copy), "--data", images, "--output", str(output), "--accelerator", "cpu"]
+    assert main(command) == 0
+    assert len((output / "predictions.csv").read_text().splitlines()) == 1 + len(list(Path(images).glob("*.png")))
+
+
+@pytest.mark.slow
+def test_every_evaluation_writes_a_report_that_report_rebuilds(
+    run_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    evaluation = run_copy / "eval" / "v0"
+    page = (evaluation / "report.html").read_text(encoding="utf-8")
+    metrics = _metrics(evaluation)
+    for name, value in metrics.items():
+        assert f"<td>{name}</td><td class=\"value\">{value:.4f}</td>" in page
+    galleries = sorted((evaluation / "gallery").glob("*.png"))
+    assert galleries and all(f'src="gallery/{picture.name}"' in page for picture in galleries)
+    (evaluation / "report.html").unlink()
+    assert main(["report", "--root", str(run_copy)]) == 0
+    assert (evaluation / "report.html").read_text(encoding="utf-8") == page
+    assert f"Report: {evaluation / 'report.html'}" in capsys.readouterr().err
+    (evaluation / "report_data.json").unlink()
+    assert main(["report", "--root", str(run_copy)]) == 1
+    assert "no report_data.json in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_writes_a_gallery_of_the_top_scored_images(run_copy: Path, dataset_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "predicted"
+    images = dataset_root / CATEGORY / "test"
+    assert main(["predict", "--root", str(run_copy), "--data", str(images), "--output", str(output)]) == 0
+    page = (output / "report.html").read_text(encoding="utf-8")
+    assert "Highest-scored images" in page and "false positives" not in page.lower()
+    assert '<table id="metrics">' in page
+    assert sorted((output / "gallery").glob("top_*.png"))
+
+
+@pytest.mark.slow
+def test_train_console_is_quiet_and_reports_each_tile(dataset_root: Path, tmp_path: Path) -> None:
+    """``anomalib tiled train`` on the demo config, output to files: no noise, one line per tile, a summary."""
+    anomalib = Path(sys.executable).parent / "anomalib"
+    overrides = [
+        *("--data.init_args.root", str(dataset_root), "--data.init_args.category", CATEGORY),
+        *("--tiling.image_size", f"[{IMAGE_SIZE},{IMAGE_SIZE}]", "--tiling.tile_size", str(TILE_SIZE)),
+        *("--tiling.stride", str(TILE_SIZE), "--TrainModels.model.init_args.n_features", "20"),
+        *("--default_root_dir", str(tmp_path / "results"), "--data.init_args.num_workers", "0"),
+    ]
+    with (tmp_path / "out").open("w") as out, (tmp_path / "err").open("w") as err:
+        status = subprocess.call(
+            [str(anomalib), "tiled", "train", "--config", str(REPO / "configs" / "demo.yaml"), *overrides],
+            stdout=out,
+            stderr=err,
+            cwd=tmp_path,
+        )
+    stderr = (tmp_path / "err").read_text()
+    assert status == 0, stderr
+    for noise in ("FutureWarning", "OpenVINO is possibly not installed", "This feature is experimental"):
+        assert noise not in stderr and noise not in (tmp_path / "out").read_text()
+    tile_lines = [line for line in stderr.splitlines() if re.match(r"\[\d/4\] tile_r\d_c\d done in", line)]
+    assert len(tile_lines) == 4 and all("ETA" in line for line in tile_lines)
+    summary = stderr.strip().splitlines()[-3:]
+    assert summary[0].startswith("Metrics: image_AUROC ") and summary[1].startswith("Run: ")
+    assert summary[2].startswith("Report: ") and Path(summary[2].removeprefix("Report: ")).is_file()
