@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -161,8 +161,3 @@ def write_metrics(results: dict[str, float], directory: Path) -> None:
     atomic_write_text(directory / "metrics.json", json.dumps(results, indent=2) + "\n")
     rows = ["metric,value", *(f"{name},{value:.6f}" for name, value in results.items())]
     atomic_write_text(directory / "metrics.csv", "\n".join(rows) + "\n")
-
-
-def read_metrics(directory: Path) -> dict[str, Any]:
-    """``metrics.json`` of an evaluation folder."""
-    return json.loads((directory / "metrics.json").read_text(encoding="utf-8"))

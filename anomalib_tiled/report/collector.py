@@ -16,7 +16,7 @@ import torch
 
 from anomalib_tiled.merging import MergedBatch
 from anomalib_tiled.metrics import binned_confusion, binned_thresholds
-from anomalib_tiled.report import curves
+from anomalib_tiled.report.curves import image_curves, pixel_curves, region_overlap, score_histogram, tile_grid_summary
 from anomalib_tiled.report.data import REPORT_DATA, Gallery, GalleryItem, ReportData
 from anomalib_tiled.report.gallery import BoundedHeap, Candidate, gallery_picture
 from anomalib_tiled.run import atomic_write_text
@@ -95,7 +95,7 @@ class ReportCollector:
             maps, masks = batch.anomaly_map.detach().cpu(), batch.gt_mask.detach().cpu()
             self.confusion += binned_confusion(maps, masks, self.thresholds)
             for anomaly_map, gt_mask in zip(maps, masks, strict=True):
-                overlap, regions = curves.region_overlap(anomaly_map, gt_mask, self.thresholds)
+                overlap, regions = region_overlap(anomaly_map, gt_mask, self.thresholds)
                 self.overlap_sum += overlap
                 self.regions += regions
         for offset, path in enumerate(batch.image_path):
@@ -142,11 +142,11 @@ class ReportCollector:
             note=note if note is not None else _default_note(labels),
             image_threshold=self.image_threshold,
             counts=self._counts(labels),
-            histogram=curves.score_histogram(scores, labels, self.image_threshold),
-            tile_grid=curves.tile_grid_summary(self.grid, *self._tile_arrays()),
+            histogram=score_histogram(scores, labels, self.image_threshold),
+            tile_grid=tile_grid_summary(self.grid, *self._tile_arrays()),
         )
-        data.image_roc, data.image_pr, data.f1 = curves.image_curves(scores, labels)
-        data.pixel_roc, data.pro = curves.pixel_curves(self.confusion, self.overlap_sum, self.regions)
+        data.image_roc, data.image_pr, data.f1 = image_curves(scores, labels)
+        data.pixel_roc, data.pro = pixel_curves(self.confusion, self.overlap_sum, self.regions)
         data.galleries = self._write_galleries(Path(directory))
         atomic_write_text(Path(directory) / REPORT_DATA, data.to_json())
         return data

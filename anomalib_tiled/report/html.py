@@ -13,8 +13,16 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from anomalib_tiled.report import plots
 from anomalib_tiled.report.data import Gallery, ReportData, load_report_data
+from anomalib_tiled.report.plots import (
+    f1_threshold_plot,
+    image_pr_plot,
+    image_roc_plot,
+    pixel_roc_plot,
+    pro_plot,
+    score_histogram_plot,
+    tile_grid_plot,
+)
 from anomalib_tiled.run import atomic_write_text
 
 __all__ = ["REPORT_HTML", "load_report_data", "render_report"]
@@ -44,13 +52,13 @@ figcaption { font-size: 0.9rem; color: #57606a; margin-top: 0.3rem; word-break: 
 
 # (key, heading, how to draw it from the data), in page order.
 _PLOTS: list[tuple[str, str, Callable[[ReportData], bytes]]] = [
-    ("image_roc", "Image ROC", lambda d: plots.image_roc_plot(d.image_roc)),
-    ("image_pr", "Image precision-recall", lambda d: plots.image_pr_plot(d.image_pr)),
-    ("f1", "Image F1 vs threshold", lambda d: plots.f1_threshold_plot(d.f1, d.image_threshold)),
-    ("histogram", "Image-score histogram", lambda d: plots.score_histogram_plot(d.histogram, d.image_threshold)),
-    ("pixel_roc", "Pixel ROC", lambda d: plots.pixel_roc_plot(d.pixel_roc)),
-    ("pro", "Per-region overlap (PRO)", lambda d: plots.pro_plot(d.pro)),
-    ("tile_grid", "Tile positions", lambda d: plots.tile_grid_plot(d.tile_grid)),
+    ("image_roc", "Image ROC", lambda d: image_roc_plot(d.image_roc)),
+    ("image_pr", "Image precision-recall", lambda d: image_pr_plot(d.image_pr)),
+    ("f1", "Image F1 vs threshold", lambda d: f1_threshold_plot(d.f1, d.image_threshold)),
+    ("histogram", "Image-score histogram", lambda d: score_histogram_plot(d.histogram, d.image_threshold)),
+    ("pixel_roc", "Pixel ROC", lambda d: pixel_roc_plot(d.pixel_roc)),
+    ("pro", "Per-region overlap (PRO)", lambda d: pro_plot(d.pro)),
+    ("tile_grid", "Tile positions", lambda d: tile_grid_plot(d.tile_grid)),
 ]
 
 
