@@ -28,7 +28,7 @@ from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import Prediction
 from anomalib_tiled.progress import ProgressListener
 from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import RunConfig, read_run_config
+from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config
 from anomalib_tiled.session import RunLog, RunSession, create_run, resume_run
 from anomalib_tiled.settings import (
     EnsembleSettings,
@@ -119,7 +119,7 @@ class TiledEnsembleEngine:
         self.settings = settings
         self.progress = progress or ProgressListener()
         self.run: RunDirectory | None = None
-        self.factory: ModelFactory | None = None
+        self.trained: RunConfig | None = None  # the run's config.yaml
         self.datamodule: Any = None
         self.evaluation_dir: Path | None = None  # the last evaluation's folder
 
@@ -136,12 +136,14 @@ class TiledEnsembleEngine:
         root: str | Path,
         settings: EnsembleSettings | None = None,
         *,
+        model_spec: dict | None = None,
         runtime: RuntimeSettings | None = None,
         progress: ProgressListener | None = None,
     ) -> TiledEnsembleEngine:
         """Engine for a trained run: its own settings, or ``settings`` checked against the run's.
 
-        ``runtime`` says where to run now (``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run).
+        ``model_spec`` is checked against the run's model too; ``runtime`` says where to run now
+        (``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run).
 
         Raises:
             RunDirectoryError: If ``root`` is not a finished run.
@@ -149,11 +151,10 @@ class TiledEnsembleEngine:
         """
         run = RunDirectory.open(root)
         trained = read_run_config(run)
-        chosen = trained.settings if settings is None else trained.checked(settings, "from_run")
-        engine = cls.from_settings(
-            chosen if runtime is None else dataclasses.replace(chosen, runtime=runtime), progress
-        )
-        engine.run, engine.factory = run, ModelFactory.from_spec(trained.model_spec)
+        chosen = settings or trained.settings
+        check_frozen(trained, chosen, model_spec)
+        engine = cls.from_settings(dataclasses.replace(chosen, runtime=runtime or chosen.runtime), progress)
+        engine.run, engine.trained = run, trained
         return engine
 
     @property
@@ -187,10 +188,11 @@ class TiledEnsembleEngine:
     def _fit(
         self, model: Any, datamodule: Any, resume: str | Path | None, data_spec: dict | None, *, evaluate: bool
     ) -> RunDirectory:
-        self.factory = ModelFactory.from_spec(model)
-        plan = TrainingPlan.prepare(self.settings, self.factory, datamodule, evaluate=evaluate)
-        config = RunConfig(self.settings, self.factory.spec, data_spec or object_spec(datamodule))
+        factory = ModelFactory.from_spec(model)
+        plan = TrainingPlan.prepare(self.settings, factory, datamodule, evaluate=evaluate)
+        config = RunConfig(self.settings, factory.spec, data_spec or object_spec(datamodule))
         self.run = resume_run(resume, config) if resume is not None else create_run(config, datamodule)
+        self.trained = config
         self.datamodule = datamodule
         self.progress.message(f"Run directory: {self.run.root}")
         session = RunSession(self.run, len(self.grid))
@@ -240,9 +242,7 @@ class TiledEnsembleEngine:
             return predict_images(predictor, data_path, out, self.progress)
 
     def _predictor(self, datamodule: Any) -> SplitPredictor:
-        if self.run is None:
+        if self.run is None or self.trained is None:
             msg = "no trained run: call fit() first or create the engine with TiledEnsembleEngine.from_run(path)"
             raise RunDirectoryError(msg)
-        predictor = SplitPredictor.for_run(self.run, self.settings, self.progress, datamodule, self.factory)
-        self.factory = predictor.context.factory
-        return predictor
+        return SplitPredictor.for_run(self.run, self.trained, self.settings, self.progress, datamodule)

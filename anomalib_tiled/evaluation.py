@@ -19,7 +19,6 @@ from anomalib_tiled.metrics import MetricSuite
 from anomalib_tiled.outputs import OutputWriter, write_metrics
 from anomalib_tiled.report import ReportCollector
 from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import read_run_config
 from anomalib_tiled.sources import DatasetSource
 from anomalib_tiled.splits import SplitRecord, recorded_fingerprint, setup_splits, split_fingerprint
 from anomalib_tiled.store import run_store
@@ -47,7 +46,7 @@ def resolve_test_split(predictor: SplitPredictor, datamodule: Any) -> SplitRecor
             check_metric_inputs(record.labels, metrics)
             return record
     if datamodule is None:
-        datamodule = instantiate_datamodule(read_run_config(run).data_spec)
+        datamodule = instantiate_datamodule(predictor.trained.data_spec)
     splits = setup_splits(datamodule, settings.training.seed)
     if "test" not in splits:
         msg = "data: the data module has no test split; check data.init_args.test_split_mode"
@@ -76,7 +75,7 @@ def evaluate(predictor: SplitPredictor, record: SplitRecord, output: Path) -> di
     results = suite.compute()
     write_metrics(results, output)
     timings = {**run_timings(run), "evaluation (s)": time.perf_counter() - started}
-    write_report(collector, output, results, run_summary(run, settings, predictor.context.factory.name), timings)
+    write_report(collector, output, results, run_summary(predictor), timings)
     logger.info("Evaluation of %d images written to %s: %s", len(record), output, results)
     return results
 

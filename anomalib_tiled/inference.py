@@ -24,7 +24,7 @@ from anomalib_tiled.outputs import OutputWriter, Prediction, Sink, stream
 from anomalib_tiled.progress import ProgressListener, Task
 from anomalib_tiled.report import ReportCollector, render_report
 from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import read_run_config
+from anomalib_tiled.runconfig import RunConfig
 from anomalib_tiled.settings import EnsembleSettings
 from anomalib_tiled.sources import DatasetSource, FileSource, collect_images
 from anomalib_tiled.splits import SplitCache, SplitRecord, split_fingerprint
@@ -46,9 +46,15 @@ class SplitPredictor:
     """
 
     def __init__(
-        self, context: TileContext, settings: EnsembleSettings, listener: ProgressListener, batch_size: int
+        self,
+        context: TileContext,
+        trained: RunConfig,
+        settings: EnsembleSettings,
+        listener: ProgressListener,
+        batch_size: int,
     ) -> None:
         self.context = context
+        self.trained = trained
         self.settings = settings
         self.listener = listener
         self.batch_size = batch_size
@@ -57,21 +63,21 @@ class SplitPredictor:
     def for_run(
         cls,
         run: RunDirectory,
+        trained: RunConfig,
         settings: EnsembleSettings,
         listener: ProgressListener,
         datamodule: Any = None,
-        factory: ModelFactory | None = None,
     ) -> SplitPredictor:
         """Tile inference of a trained run, after checking the settings against this machine.
 
         Tiles are predicted in batches of the data module's ``eval_batch_size`` (else the run's, else 32).
         """
         check_settings(settings)
-        trained = read_run_config(run)
-        factory = factory or ModelFactory.from_spec(trained.model_spec)
+        factory = ModelFactory.from_spec(trained.model_spec)
         data_args = (trained.data_spec or {}).get("init_args") or {}
         batch = getattr(datamodule, "eval_batch_size", None) or data_args.get("eval_batch_size") or 32
-        return cls(TileContext(run, factory, settings.training, settings.runtime), settings, listener, int(batch))
+        context = TileContext(run, factory, settings.training, settings.runtime)
+        return cls(context, trained, settings, listener, int(batch))
 
     def missing(self, fingerprint: str) -> list[TilePosition]:
         """Tile positions that have not predicted the split ``fingerprint`` yet."""
@@ -135,12 +141,13 @@ def write_merged(
         stream(batches, sinks, task)
 
 
-def run_summary(run: RunDirectory, settings: EnsembleSettings, model: str) -> dict[str, Any]:
+def run_summary(predictor: SplitPredictor) -> dict[str, Any]:
     """What a report lists about the run: model, data, grid, stages, seed and package versions."""
+    run, settings = predictor.context.run, predictor.settings
     grid, post = settings.grid, settings.postprocessing
-    data_spec = read_run_config(run).data_spec or {}
+    data_spec = predictor.trained.data_spec or {}
     return {
-        "model": model,
+        "model": predictor.context.factory.name,
         "data": str(data_spec.get("class_path", "")).rpartition(".")[2],
         "category": (data_spec.get("init_args") or {}).get("category", ""),
         "run": str(run.root),
@@ -190,7 +197,7 @@ def predict_images(
     with OutputWriter(output, settings.grid, visualization, display_range, output / "maps") as writer:
         write_merged(run, settings, record, calibrations, [writer, collector], listener)
     predictions = writer.finish()
-    summary = run_summary(run, settings, predictor.context.factory.name)
+    summary = run_summary(predictor)
     write_report(collector, output, {}, summary, {"prediction (s)": time.perf_counter() - started})
     shutil.rmtree(output / "split", ignore_errors=True)
     if record.fingerprint not in run.manifest().get("splits", {}).values():

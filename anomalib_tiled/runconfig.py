@@ -43,11 +43,6 @@ class RunConfig:
     model_spec: dict[str, Any]
     data_spec: dict[str, Any] | None
 
-    def checked(self, settings: EnsembleSettings, command: str) -> EnsembleSettings:
-        """``settings``, after checking they keep what this run was trained with (see :func:`check_frozen`)."""
-        check_frozen(self, settings, None, command)
-        return settings
-
 
 def write_run_config(run: RunDirectory, config: RunConfig) -> None:
     """Write ``config.yaml`` (atomically)."""
@@ -74,19 +69,13 @@ def read_run_config(run: RunDirectory) -> RunConfig:
     )
 
 
-def check_frozen(
-    trained: RunConfig,
-    settings: EnsembleSettings,
-    model_spec: dict[str, Any] | None,
-    command: str,
-) -> None:
+def check_frozen(trained: RunConfig, settings: EnsembleSettings, model_spec: dict[str, Any] | None = None) -> None:
     """Fail if ``settings`` (or ``model_spec``) change what the run was trained with.
 
     Args:
         trained: The run's own config.
         settings: Settings asked for now.
         model_spec: Model asked for now, or None to keep the run's.
-        command: What is asking (``eval``, ``--resume``...), for the message.
 
     Raises:
         ConfigError: Naming the first changed key, the run's value and the value given.
@@ -100,8 +89,8 @@ def check_frozen(
         was, given = _lookup(before, key), _lookup(after, key)
         if was != given:
             msg = (
-                f"{key}: the run was trained with {was!r}; {command} cannot change it (got {given!r}); "
-                "keep the run's value or train a new run"
+                f"{key}: the run was trained with {was!r}, not {given!r}; a trained run's {key} cannot "
+                "change: keep the run's value or train a new run"
             )
             raise ConfigError(msg)
 

@@ -91,7 +91,7 @@ def resume_run(root: Path | str, config: RunConfig) -> RunDirectory:
         ConfigError: If ``config`` changes a frozen key.
     """
     run = RunDirectory.open(root, require_trained=False, option="--resume")
-    check_frozen(read_run_config(run), config.settings, config.model_spec, "--resume")
+    check_frozen(read_run_config(run), config.settings, config.model_spec)
     return run
 
 

@@ -14,7 +14,6 @@ from anomalib_tiled.engine import TiledEnsembleEngine
 from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.report import REPORT_DATA, REPORT_HTML, load_report_data, render_report
 from anomalib_tiled.run import RunDirectory, latest_version
-from anomalib_tiled.runconfig import check_frozen, read_run_config
 from anomalib_tiled.settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -51,12 +50,11 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled eval``: evaluate a run again, post-processing settings may change."""
     cfg = _parse("eval", options)
     settings = settings_from_namespace(cfg)
-    run = RunDirectory.open(cfg.root)
-    trained = read_run_config(run)
-    check_frozen(trained, settings, spec_from_namespace(cfg.TrainModels.get("model")), "eval")
-    engine = TiledEnsembleEngine.from_run(run.root, settings, progress=progress)
+    model_spec = spec_from_namespace(cfg.TrainModels.get("model"))
+    engine = TiledEnsembleEngine.from_run(cfg.root, settings, model_spec=model_spec, progress=progress)
+    assert engine.trained is not None
     data_spec = spec_from_namespace(cfg.get("data"))
-    datamodule = None if data_spec == trained.data_spec else instantiate_datamodule(data_spec)
+    datamodule = None if data_spec == engine.trained.data_spec else instantiate_datamodule(data_spec)
     results = engine.test(datamodule=datamodule)
     _summary(progress, results[0], engine.evaluation_dir)
     return 0
@@ -65,7 +63,8 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
 def predict(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled predict``: apply a run to unlabeled images."""
     cfg = _parse("predict", options)
-    trained = read_run_config(RunDirectory.open(cfg.root)).settings
+    engine = TiledEnsembleEngine.from_run(cfg.root, progress=progress)
+    trained = engine.settings
     changes = {key: value for key, value in vars(cfg.visualization).items() if value is not None}
     post = dataclasses.replace(
         trained.postprocessing, visualization=dataclasses.replace(trained.postprocessing.visualization, **changes)
@@ -75,8 +74,7 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
         devices=cfg.devices if cfg.devices is not None else trained.runtime.devices,
         default_root_dir=trained.runtime.default_root_dir,
     )
-    settings = dataclasses.replace(trained, postprocessing=post, runtime=runtime)
-    engine = TiledEnsembleEngine.from_run(cfg.root, settings, progress=progress)
+    engine.settings = dataclasses.replace(trained, postprocessing=post, runtime=runtime)
     engine.predict(cfg.data, cfg.output)
     return 0
 
