@@ -64,6 +64,7 @@ def test_subset_with_copies_is_a_valid_mvtec_layout(synthetic: Path, tmp_path: P
     )
 
 
+@pytest.mark.slow
 def test_run_monitored_sums_rss_over_descendants(tmp_path: Path) -> None:
     # The grandchild holds ~300 MB; the sampled tree peak must include it, the main process must not.
     script = textwrap.dedent(
@@ -81,6 +82,7 @@ def test_run_monitored_sums_rss_over_descendants(tmp_path: Path) -> None:
     assert run.samples > 5
 
 
+@pytest.mark.slow
 def test_run_monitored_kills_on_timeout(tmp_path: Path) -> None:
     run = run_monitored(
         [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "log", interval=0.05, timeout=0.5
@@ -167,6 +169,7 @@ def test_targets_and_markdown() -> None:
     assert "| x4 | 180 | 1.08 GiB | +5.9% |" in markdown
 
 
+@pytest.mark.slow
 def test_upstream_failure_is_detected_although_it_exits_0(synthetic: Path, tmp_path: Path) -> None:
     # Without the init_args workaround every upstream stage fails; upstream logs that and exits 0.
     workload = Workload(
@@ -196,6 +199,7 @@ def test_shared_data_missing_is_a_usage_error(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_quick_scenario_1_both_sides_produce_numbers(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [

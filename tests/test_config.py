@@ -90,6 +90,7 @@ def test_guide_config_is_read_into_the_canonical_settings(tmp_path: Path) -> Non
     assert spec_from_namespace(cfg.TrainModels.model)["class_path"] == "anomalib.models.Padim"
 
 
+@pytest.mark.slow
 def test_guide_config_trains_with_only_the_data_root_changed(tmp_path: Path) -> None:
     """The guide's config runs unchanged but for the data root (and a CPU with a random backbone here)."""
     make_dataset(tmp_path / "data", size=256, n_train=6, n_test_good=2, n_test_defect=2, seed=1, category="bottle")

@@ -18,6 +18,8 @@ from anomalib_tiled.cli import main
 from anomalib_tiled.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 
+pytestmark = pytest.mark.slow  # every test here trains tile models (or reads the session's trained run)
+
 # The synthetic defects are obvious at full resolution; a working ensemble finds them.
 MIN_IMAGE_AUROC = 0.9
 MIN_PIXEL_AUROC = 0.9

@@ -395,6 +395,7 @@ def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
+@pytest.mark.slow
 def test_report_opens_in_a_real_browser(report_dir: tuple[Path, ReportData], tmp_path: Path) -> None:
     binary = _chromium()
     folder, data = report_dir
