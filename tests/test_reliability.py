@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -125,6 +126,20 @@ def test_without_validation_split_a_manual_threshold_and_no_normalisation_work(
         "stage": "image",
     }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    run = next((tmp_path / "results").glob("*/*/*/v0"))
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["split"] is None and stats["tile"] is None  # nothing learned: no validation split
+    assert stats["image"]["image_threshold"] == stats["image"]["pixel_threshold"] == 3.0
+    rows = list(csv.DictReader((run / "eval" / "v0" / "predictions.csv").open()))
+    assert len(rows) == 12
+    # Raw merged scores against the raw manual threshold.
+    assert [row["pred_label"] for row in rows] == [str(int(float(row["pred_score"]) > 3.0)) for row in rows]
+    assert set(json.loads((run / "eval" / "v0" / "metrics.json").read_text())) == {
+        "image_AUROC",
+        "image_F1Score",
+        "pixel_AUROC",
+        "pixel_F1Score",
+    }
 
 
 def test_output_directory_not_writable(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
