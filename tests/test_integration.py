@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from anomalib.data import MVTecAD
 from anomalib.models import Padim
@@ -18,6 +19,8 @@ from anomalib_tiled.cli import main
 from anomalib_tiled.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 
+pytestmark = pytest.mark.slow  # every test here trains tile models (or reads the session's trained run)
+
 # The synthetic defects are obvious at full resolution; a working ensemble finds them.
 MIN_IMAGE_AUROC = 0.9
 MIN_PIXEL_AUROC = 0.9
@@ -25,6 +28,11 @@ MIN_PIXEL_AUROC = 0.9
 
 def _metrics(eval_dir: Path) -> dict[str, float]:
     return json.loads((eval_dir / "metrics.json").read_text())
+
+
+def _checkpoint(run: Path, tile: str) -> dict:
+    """A tile's Lightning checkpoint (its ``epoch`` and ``global_step`` say how long it trained)."""
+    return torch.load(run / "weights" / f"{tile}.ckpt", weights_only=True, map_location="cpu")
 
 
 def test_train_writes_a_complete_run_and_metrics_above_thresholds(trained_run: Path) -> None:
@@ -86,7 +94,9 @@ def test_predict_on_a_folder_of_unlabeled_images(trained_run: Path, dataset_root
     for row in rows:
         anomaly_map = np.load(output / row["anomaly_map"])
         assert anomaly_map.shape == (IMAGE_SIZE, IMAGE_SIZE)
-        assert (output / row["result_image"]).is_file()
+        assert 0.0 <= anomaly_map.min() <= anomaly_map.max() <= 1.0  # normalised like the run's evaluation
+        assert row["pred_label"] == str(int(float(row["pred_score"]) > 0.5))  # image threshold at 0.5
+        assert Image.open(output / row["result_image"]).size == (2 * IMAGE_SIZE, IMAGE_SIZE)
         assert row["gt_label"] == ""
     # Anomalous images mostly get anomalous labels.
     assert sum(row["pred_label"] == "1" for row in rows) >= len(rows) // 2
@@ -153,16 +163,31 @@ def test_other_models_train_and_evaluate(dataset_root: Path, tmp_path: Path, mod
     cfg = base_config(dataset_root, tmp_path / "results", visualization={"save": False})
     cfg["TrainModels"] = {**cfg["TrainModels"], "model": model, "trainer": trainer}
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
-    metrics = _metrics(next((tmp_path / "results").glob("*/MVTecAD/*/v0/eval/v0")))
-    assert 0.0 <= metrics["image_AUROC"] <= 1.0 and 0.0 <= metrics["pixel_AUROC"] <= 1.0
+    run = next((tmp_path / "results").glob("*/MVTecAD/*/v0"))
+    metrics = _metrics(run / "eval" / "v0")
+    assert set(metrics) == {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"}
+    # Random backbones still find the obvious synthetic defects (both models score 1.0 / >= 0.95 here).
+    assert metrics["image_AUROC"] >= MIN_IMAGE_AUROC and metrics["pixel_AUROC"] >= MIN_PIXEL_AUROC
+    for tile in ("tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1"):
+        # The trainer arguments reach every tile model: one epoch each.
+        assert _checkpoint(run, tile)["epoch"] == trainer.get("max_epochs", 1)
     if "logger" in trainer:
         # A configured logger logs every tile model into that tile's folder of the run.
-        logs = list((tmp_path / "results").glob("*/MVTecAD/*/v0/tiles/tile_r*_c*/lightning_logs/version_0/metrics.csv"))
-        assert len(logs) == 4
+        logs = sorted(run.glob("tiles/tile_r*_c*/lightning_logs/version_0/metrics.csv"))
+        assert [log.parents[2].name for log in logs] == ["tile_r0_c0", "tile_r0_c1", "tile_r1_c0", "tile_r1_c1"]
+        for log in logs:
+            rows = list(csv.DictReader(log.open()))
+            assert [float(row["train_loss_epoch"]) for row in rows if row.get("train_loss_epoch")]
 
 
 def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_path: Path) -> None:
-    """The guide's FastFlow example: EarlyStopping monitors pixel_AUROC, which each tile model computes."""
+    """The guide's FastFlow example: EarlyStopping monitors pixel_AUROC, which each tile model computes.
+
+    ``min_delta: 1.0`` asks for an AUROC gain no epoch can make, so with ``patience: 1`` every tile stops
+    after its second validation: deterministically, and long before ``max_epochs``. A tile that did not
+    compute pixel_AUROC would fail (the monitor is missing) or stop after one epoch (NaN is not finite).
+    """
+    max_epochs, patience = 20, 1
     cfg = base_config(dataset_root, tmp_path / "results", visualization={"save": False})
     cfg["TrainModels"] = {
         "model": {
@@ -171,17 +196,27 @@ def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_pat
         },
         "metrics": {"pixel": "AUROC", "image": "AUROC"},
         "trainer": {
-            "max_epochs": 3,
+            "max_epochs": max_epochs,
+            "logger": {"class_path": "CSVLogger"},
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                    "init_args": {"patience": 1, "monitor": "pixel_AUROC", "mode": "max"},
+                    "init_args": {"patience": patience, "monitor": "pixel_AUROC", "mode": "max", "min_delta": 1.0},
                 },
             ],
         },
     }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
-    assert (next((tmp_path / "results").glob("Fastflow/MVTecAD/*/v0")) / "eval" / "v0" / "metrics.json").is_file()
+    run = next((tmp_path / "results").glob("Fastflow/MVTecAD/*/v0"))
+    steps_per_epoch = -(-10 // 4)  # 10 training images, batches of 4
+    for tile in json.loads((run / "manifest.json").read_text())["tiles"]:
+        checkpoint = _checkpoint(run, tile)
+        assert checkpoint["epoch"] == patience + 1 < max_epochs, tile
+        assert checkpoint["global_step"] == (patience + 1) * steps_per_epoch, tile
+        log = run / "tiles" / tile / "lightning_logs" / "version_0" / "metrics.csv"
+        monitored = [float(row["pixel_AUROC"]) for row in csv.DictReader(log.open()) if row["pixel_AUROC"]]
+        assert len(monitored) == patience + 1 and all(MIN_PIXEL_AUROC <= value <= 1 for value in monitored), tile
+    assert _metrics(run / "eval" / "v0")["pixel_AUROC"] >= MIN_PIXEL_AUROC
 
 
 def test_early_stopping_on_a_metric_no_tile_model_logs(

@@ -99,6 +99,7 @@ def _python(*args: str, env: dict[str, str] | None = None) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_startup_hook_loads_only_its_own_module() -> None:
     env = {key: value for key, value in os.environ.items() if key != DISABLE_ENV}
     code = "import sys; print(*sorted(sys.modules), sep='\\n')"
@@ -108,6 +109,7 @@ def test_startup_hook_loads_only_its_own_module() -> None:
     assert enabled - disabled == {HOOK_MODULE}
 
 
+@pytest.mark.slow
 def test_startup_hook_import_time() -> None:
     env = {key: value for key, value in os.environ.items() if key != DISABLE_ENV}
     self_us = []
@@ -157,6 +159,7 @@ def _run(python: Path, code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @needs_hatchling
 @pytest.mark.skipif(importlib.util.find_spec("pip") is None, reason="pip is not installed")
 def test_fresh_install_activates_plugin_and_uninstall_removes_hook(wheel: Path, fresh_venv: tuple[Path, Path]) -> None:

@@ -289,6 +289,7 @@ def help_outputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subproce
     return results
 
 
+@pytest.mark.slow
 def test_anomalib_help_lists_tiled(help_outputs: dict[str, subprocess.CompletedProcess]) -> None:
     result = help_outputs["anomalib"]
 
@@ -296,6 +297,7 @@ def test_anomalib_help_lists_tiled(help_outputs: dict[str, subprocess.CompletedP
     assert re.search(r"\btiled\s+Tiled ensemble", result.stdout), result.stdout
 
 
+@pytest.mark.slow
 def test_anomalib_help_without_autoload_has_no_tiled(help_outputs: dict[str, subprocess.CompletedProcess]) -> None:
     result = help_outputs["disabled"]
 
@@ -304,6 +306,7 @@ def test_anomalib_help_without_autoload_has_no_tiled(help_outputs: dict[str, sub
     assert "tiled" not in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["anomalib tiled", "anomalib-tiled", "python -m anomalib_tiled"])
 def test_tiled_help_lists_subcommands(help_outputs: dict[str, subprocess.CompletedProcess], command: str) -> None:
     result = help_outputs[command]

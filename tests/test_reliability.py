@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -114,6 +115,7 @@ def test_image_normalisation_without_validation_split(
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_without_validation_split_a_manual_threshold_and_no_normalisation_work(
     dataset_root: Path, tmp_path: Path
 ) -> None:
@@ -124,6 +126,20 @@ def test_without_validation_split_a_manual_threshold_and_no_normalisation_work(
         "stage": "image",
     }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
+    run = next((tmp_path / "results").glob("*/*/*/v0"))
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["split"] is None and stats["tile"] is None  # nothing learned: no validation split
+    assert stats["image"]["image_threshold"] == stats["image"]["pixel_threshold"] == 3.0
+    rows = list(csv.DictReader((run / "eval" / "v0" / "predictions.csv").open()))
+    assert len(rows) == 12
+    # Raw merged scores against the raw manual threshold.
+    assert [row["pred_label"] for row in rows] == [str(int(float(row["pred_score"]) > 3.0)) for row in rows]
+    assert set(json.loads((run / "eval" / "v0" / "metrics.json").read_text())) == {
+        "image_AUROC",
+        "image_F1Score",
+        "pixel_AUROC",
+        "pixel_F1Score",
+    }
 
 
 def test_output_directory_not_writable(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -167,6 +183,7 @@ def run_copy(trained_run: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_eval_on_a_run_with_a_missing_checkpoint(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     (run_copy / "weights" / "tile_r0_c1.ckpt").unlink()
     assert main(["eval", "--root", str(run_copy)]) == 1
@@ -174,6 +191,7 @@ def test_eval_on_a_run_with_a_missing_checkpoint(run_copy: Path, capsys: pytest.
     assert "tile_r0_c1.ckpt: tile checkpoint is missing" in err and "--resume" in err
 
 
+@pytest.mark.slow
 def test_eval_on_a_run_with_a_truncated_checkpoint(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     checkpoint = run_copy / "weights" / "tile_r1_c0.ckpt"
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
@@ -181,6 +199,7 @@ def test_eval_on_a_run_with_a_truncated_checkpoint(run_copy: Path, capsys: pytes
     assert "tile_r1_c0.ckpt: tile checkpoint is corrupt" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoint_contents_are_verified_before_loading(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     checkpoint = run_copy / "weights" / "tile_r0_c0.ckpt"
     data = bytearray(checkpoint.read_bytes())
@@ -191,6 +210,7 @@ def test_checkpoint_contents_are_verified_before_loading(run_copy: Path, capsys:
     assert "tile_r0_c0.ckpt: tile checkpoint is corrupt (size/sha256" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_on_an_unfinished_run(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     manifest = json.loads((run_copy / "manifest.json").read_text())
     manifest["status"] = "interrupted"
@@ -212,6 +232,7 @@ class _Exploit:
         return (Path.write_text, (self.marker, "pwned"))
 
 
+@pytest.mark.slow
 def test_checkpoints_are_loaded_without_running_pickled_code(
     run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -235,6 +256,7 @@ def test_checkpoints_are_loaded_without_running_pickled_code(
 # -- interruption and resume -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigint_during_training_keeps_finished_tiles_and_resume_matches_an_uninterrupted_run(
     dataset_root: Path,
     trained_run: Path,
@@ -286,6 +308,7 @@ def test_sigint_during_training_keeps_finished_tiles_and_resume_matches_an_unint
     assert resumed == pytest.approx(uninterrupted, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_retrains_a_tile_whose_checkpoint_is_corrupt(run_copy: Path) -> None:
     checkpoint = run_copy / "weights" / "tile_r1_c1.ckpt"
     checkpoint.write_bytes(b"")
@@ -295,6 +318,7 @@ def test_resume_retrains_a_tile_whose_checkpoint_is_corrupt(run_copy: Path) -> N
     assert checkpoint.stat().st_size == manifest["tiles"]["tile_r1_c1"]["checkpoint"]["size"] > 0
 
 
+@pytest.mark.slow
 def test_a_failing_stage_stops_the_run_and_marks_it_failed(
     dataset_root: Path,
     tmp_path: Path,
@@ -320,6 +344,7 @@ def test_resume_of_a_missing_run_names_the_option(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().err.startswith(f"error: --resume: {tmp_path / 'gone'} does not exist")
 
 
+@pytest.mark.slow
 def test_predict_keeps_the_runs_visualization_settings_unless_overridden(
     run_copy: Path,
     dataset_root: Path,

@@ -359,7 +359,11 @@ def test_missing_tile_scores_and_source_images_do_not_stop_the_report(tmp_path: 
     data = collector.finish(tmp_path, {}, {}, {})
     assert data.tile_grid.note == "no tile scores were recorded"
     assert len(data.galleries[0].items) == 4
-    assert render_report(data, tmp_path).exists()
+    page = render_report(data, tmp_path).read_text(encoding="utf-8")
+    assert page.count('class="plot"') == 7  # the tile-grid plot says why it is empty instead
+    for item in data.galleries[0].items:  # the moved source too gets a valid picture
+        assert f'src="{item.file}"' in page
+        open_png((tmp_path / item.file).read_bytes())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +401,7 @@ def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
+@pytest.mark.slow
 def test_report_opens_in_a_real_browser(report_dir: tuple[Path, ReportData], tmp_path: Path) -> None:
     binary = _chromium()
     folder, data = report_dir

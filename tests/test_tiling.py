@@ -50,13 +50,14 @@ def test_last_tile_is_snapped_to_the_edge_not_padded(length: int, data: st.DataO
     assert all(b - a == stride for a, b in itertools.pairwise(starts[:-1]))
 
 
-@given(grids(), st.sampled_from(list(Blending)))
+@given(grids(), st.sampled_from(list(Blending)), st.integers(0, 2**32 - 1))
 @settings(max_examples=100, deadline=None)
-def test_untile_of_tile_reproduces_the_input(grid: TileGrid, blending: Blending) -> None:
-    images = torch.rand(2, 3, *grid.image_size)
+def test_untile_of_tile_reproduces_the_input(grid: TileGrid, blending: Blending, seed: int) -> None:
+    images = torch.rand(2, 3, *grid.image_size, generator=torch.Generator().manual_seed(seed))  # reproducible
     tiles = grid.tile(images)
     assert tiles.shape == (2, 3, len(grid), *grid.tile_size)
-    torch.testing.assert_close(grid.untile(tiles, blending), images)
+    # float32 sums over up to ~3600 overlapping tiles (tile 60, stride 1) drift by up to ~5e-5.
+    torch.testing.assert_close(grid.untile(tiles, blending), images, rtol=1e-4, atol=1e-4)
 
 
 def test_overlaps_are_averaged_uniformly_by_default() -> None:
