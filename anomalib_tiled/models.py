@@ -84,6 +84,19 @@ class ModelFactory:
             "init_args": as_yaml_value(init_args),
         }
 
+    @property
+    def full_spec(self) -> dict[str, Any]:
+        """:attr:`spec` with the model's plain default arguments filled in (a canonical form to compare)."""
+        spec = self.spec
+        plain = str | int | float | bool | list | tuple | None
+        parameters = inspect.signature(self.model_class.__init__).parameters.values()
+        defaults = {
+            p.name: as_yaml_value(p.default)
+            for p in parameters
+            if p.name not in _ENSEMBLE_COMPONENTS and isinstance(p.default, plain)
+        }
+        return {**spec, "init_args": {**defaults, **spec["init_args"]}}
+
     def build(self, tile_size: Size, monitored_metrics: list[str]) -> AnomalibModule:
         """A new, untrained model for tiles of ``tile_size``.
 

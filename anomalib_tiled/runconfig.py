@@ -80,9 +80,9 @@ def check_frozen(trained: RunConfig, settings: EnsembleSettings, model_spec: dic
     Raises:
         ConfigError: Naming the first changed key, the run's value and the value given.
     """
-    # Through the model factory, so specs that differ only in spelling (defaults, short names) compare equal.
-    trained_model = ModelFactory.from_spec(trained.model_spec).spec
-    given_model = trained_model if model_spec is None else ModelFactory.from_spec(model_spec).spec
+    # With defaults filled in, so specs that differ only in spelling (defaults, short names) compare equal.
+    trained_model = ModelFactory.from_spec(trained.model_spec).full_spec
+    given_model = trained_model if model_spec is None else ModelFactory.from_spec(model_spec).full_spec
     before = settings_to_config(trained.settings, trained_model, None)
     after = settings_to_config(settings, given_model, None)
     for key in FROZEN_KEYS:

@@ -57,14 +57,12 @@ def test_a_gpu_trained_run_is_evaluated_and_predicted_on_a_cpu(
 
 
 @pytest.mark.slow
-def test_every_evaluation_writes_a_report_that_report_rebuilds(
-    run_copy: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_every_evaluation_writes_a_report_that_report_rebuilds(run_copy: Path, capsys: pytest.CaptureFixture) -> None:
     evaluation = _latest(run_copy / "eval")  # other tests may have evaluated the shared run again
     page = (evaluation / "report.html").read_text(encoding="utf-8")
     metrics = _metrics(evaluation)
     for name, value in metrics.items():
-        assert f"<td>{name}</td><td class=\"value\">{value:.4f}</td>" in page
+        assert f'<td>{name}</td><td class="value">{value:.4f}</td>' in page
     galleries = sorted((evaluation / "gallery").glob("*.png"))
     assert galleries and all(f'src="gallery/{picture.name}"' in page for picture in galleries)
     (evaluation / "report.html").unlink()

@@ -84,7 +84,7 @@ def make_batch(
         maps = masks.float()
     tile_scores = GRID.tile(maps).amax(dim=(-2, -1))
     tile_scores[:, -1] = uniform(0.0, 1.0, (len(paths),))
-    batch = MergedBatch(
+    return MergedBatch(
         image_path=paths,
         anomaly_map=maps,
         pred_score=maps.amax(dim=(-2, -1)),
@@ -93,7 +93,6 @@ def make_batch(
         gt_label=torch.tensor(anomalous) if labelled else None,
         tile_scores=tile_scores,
     )
-    return batch
 
 
 def synthetic(folder: Path, n_batches: int = 3, batch_size: int = 4, **kwargs: bool) -> Batches:
