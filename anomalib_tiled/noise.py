@@ -23,6 +23,8 @@ KNOWN_WARNINGS = (
 KNOWN_LOG_LINES = {
     "anomalib.cli.utils.openvino": "OpenVINO is possibly not installed",
     "anomalib.cli.pipelines": "This feature is experimental",
+    # Tile models are handed to Engine.predict in memory, never through a checkpoint path.
+    "anomalib.engine.engine": "ckpt_path is not provided",
 }
 
 
@@ -37,10 +39,12 @@ def filter_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def filter_log_lines() -> None:
-    """Drop the known log lines at their loggers, so no handler prints them."""
-    for name, start in KNOWN_LOG_LINES.items():
-        logging.getLogger(name).addFilter(_DropStartingWith(start))
+def filter_log_lines() -> list[tuple[logging.Logger, logging.Filter]]:
+    """Drop the known log lines at their loggers, so no handler prints them; returns what was added."""
+    added = [(logging.getLogger(name), _DropStartingWith(start)) for name, start in KNOWN_LOG_LINES.items()]
+    for logger, line_filter in added:
+        logger.addFilter(line_filter)
+    return added
 
 
 class _DropStartingWith(logging.Filter):

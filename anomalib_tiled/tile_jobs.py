@@ -68,8 +68,9 @@ class TileContext:
             # Predicting logs nothing worth a logger's files.
             "logger": fresh_loggers(trainer, str(tile_dir)) if fitting else False,
             "accelerator": "gpu" if self.runtime.accelerator == "cuda" else self.runtime.accelerator,
-            # One device per tile model; a single device index ([1]) is honoured, "auto" means one.
-            "devices": devices if isinstance(devices, list) else 1,
+            # One device per tile model; a single device index ([1]) is honoured (not on the CPU, which has
+            # no index: a run trained on GPU 1 is evaluated on a CPU box), "auto" means one.
+            "devices": devices if isinstance(devices, list) and self.runtime.accelerator != "cpu" else 1,
         }
         return TileEngine(callbacks=callbacks, default_root_dir=tile_dir, **arguments)
 

@@ -75,7 +75,11 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
         default_root_dir=trained.runtime.default_root_dir,
     )
     engine.settings = dataclasses.replace(trained, postprocessing=post, runtime=runtime)
-    engine.predict(cfg.data, cfg.output)
+    predictions = engine.predict(cfg.data, cfg.output)
+    # After the library's "Predictions of N images written to <output>" line: the run and the report.
+    assert engine.run is not None
+    progress.message(f"Run: {engine.run.root}")
+    progress.message(f"Report: {predictions[0].anomaly_map_path.parent.parent / REPORT_HTML}")
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from anomalib_tiled.noise import filter_warnings
+from anomalib_tiled.noise import filter_log_lines, filter_warnings
 from anomalib_tiled.progress import ProgressListener
 
 PACKAGE_LOGGER = "anomalib_tiled"
@@ -120,9 +120,12 @@ def command_environment(progress: ConsoleProgress) -> Iterator[None]:
     quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     with warnings.catch_warnings(), _signals(progress):
         filter_warnings()
+        line_filters = filter_log_lines()
         try:
             yield
         finally:
+            for logger, line_filter in line_filters:
+                logger.removeFilter(line_filter)
             package.removeHandler(console_handler)
             package.propagate = saved_propagate
             for name, level in quieted.items():

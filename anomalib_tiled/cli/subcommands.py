@@ -2,7 +2,7 @@
 
 SUBCOMMANDS = {
     "train": "Train one model per tile position, then evaluate on the test split.",
-    "eval": "Evaluate a trained run on its test split (or on data given with --data).",
+    "eval": "Evaluate a trained run on its test split (or on another data module: --data.*).",
     "predict": "Predict unlabeled images with a trained run.",
     "report": "Rebuild the HTML report of a run's latest evaluation.",
 }

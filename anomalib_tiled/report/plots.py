@@ -60,7 +60,9 @@ def never_raises(title: str) -> Callable[[Callable[P, bytes]], Callable[P, bytes
             try:
                 return draw(*args, **kwargs)
             except Exception as error:  # one broken plot must not cost the whole report
-                logger.warning("Report plot %r failed: %s", title, error, exc_info=True)
+                # One line for the console; the traceback for run.log.
+                logger.warning("Report plot %r failed: %s: %s", title, type(error).__name__, error)
+                logger.info("Traceback of the failed report plot %r", title, exc_info=True)
                 return placeholder_png(f"could not draw ({type(error).__name__}: {error})")
 
         return safe
