@@ -11,7 +11,7 @@ from rich.table import Table
 from anomalib_tiled.cli.arguments import parse_args
 from anomalib_tiled.cli.console import ConsoleProgress, quiet_libraries
 from anomalib_tiled.components import instantiate_datamodule
-from anomalib_tiled.configfile import settings_from_namespace, spec_from_namespace
+from anomalib_tiled.configfile import plain, settings_from_namespace, spec_from_namespace
 from anomalib_tiled.engine import TiledEnsembleEngine
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.run import RunDirectory
@@ -38,7 +38,7 @@ def train(options: list[str], progress: ConsoleProgress) -> int:
     datamodule = instantiate_datamodule(data_spec)
     if cfg.evaluate:
         results = engine.train(model_spec, datamodule, resume=cfg.resume, data_spec=data_spec)
-        _summary(progress, results[0], engine)
+        _summary(progress, results[0])
     else:
         engine.fit(model_spec, datamodule, resume=cfg.resume, data_spec=data_spec)
     assert engine.run is not None
@@ -57,7 +57,7 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
     data_spec = spec_from_namespace(cfg.get("data"))
     datamodule = None if data_spec == trained.data_spec else instantiate_datamodule(data_spec)
     results = engine.test(datamodule=datamodule)
-    _summary(progress, results[0], engine)
+    _summary(progress, results[0])
     return 0
 
 
@@ -73,6 +73,7 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
         accelerator=cfg.accelerator or trained.runtime.accelerator,
         devices=cfg.devices if cfg.devices is not None else trained.runtime.devices,
         default_root_dir=trained.runtime.default_root_dir,
+        execution=plain(cfg.execution),
     )
     settings = dataclasses.replace(trained, postprocessing=post, runtime=runtime)
     engine = TiledEnsembleEngine.from_run(cfg.root, settings, progress=progress)
@@ -89,7 +90,7 @@ def _parse(command: str, options: list[str]) -> Namespace:
     return cfg
 
 
-def _summary(progress: ConsoleProgress, results: dict[str, float], engine: TiledEnsembleEngine) -> None:
+def _summary(progress: ConsoleProgress, results: dict[str, float]) -> None:
     table = Table(title="Tiled ensemble")
     table.add_column("Metric")
     table.add_column("Value", justify="right")
