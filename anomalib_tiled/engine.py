@@ -35,6 +35,7 @@ from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config
 from anomalib_tiled.session import RunLog, RunSession, create_run, resume_run
 from anomalib_tiled.settings import (
     EnsembleSettings,
+    ExecutionSettings,
     MergeConfig,
     MetricsConfig,
     NormalizationStage,
@@ -76,6 +77,7 @@ class TiledEnsembleEngine:
         visualization: Result-image settings.
         callbacks: Lightning callbacks for every tile model (copied per tile).
         progress: Receives progress (default: none is shown).
+        execution: Where tile jobs run: an :class:`~anomalib_tiled.settings.ExecutionSettings` or a dict of its fields.
         **trainer_kwargs: Lightning Trainer arguments for every tile model (``max_epochs``...).
     """
 
@@ -99,13 +101,13 @@ class TiledEnsembleEngine:
         visualization: VisualizationConfig | None = None,
         callbacks: list[Any] | None = None,
         progress: ProgressListener | None = None,
+        execution: ExecutionSettings | dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(thresholding, ThresholdingConfig):
             thresholding = ThresholdingConfig(method=thresholding, stage=threshold_stage)
         if not isinstance(seam_smoothing, SeamSmoothingConfig):
             seam_smoothing = SeamSmoothingConfig(apply=bool(seam_smoothing))
-        defaults = MetricsConfig()
         try:
             grid = TileGrid.create(image_size, tile_size, stride)
         except ValueError as error:
@@ -119,12 +121,14 @@ class TiledEnsembleEngine:
                 seam_smoothing=seam_smoothing,
                 merge=MergeConfig(blending=blending, image_score=image_score),
                 metrics=MetricsConfig(
-                    image=defaults.image if image_metrics is None else list(image_metrics),
-                    pixel=defaults.pixel if pixel_metrics is None else list(pixel_metrics),
+                    image=MetricsConfig().image if image_metrics is None else list(image_metrics),
+                    pixel=MetricsConfig().pixel if pixel_metrics is None else list(pixel_metrics),
                 ),
                 visualization=visualization or VisualizationConfig(),
             ),
-            runtime=RuntimeSettings(accelerator=accelerator, default_root_dir=Path(default_root_dir)),
+            runtime=RuntimeSettings(
+                accelerator=accelerator, default_root_dir=Path(default_root_dir), execution=execution
+            ),
         )
         self._init(settings, progress)
 
@@ -282,10 +286,5 @@ class TiledEnsembleEngine:
         if self.factory is None:
             self.factory = ModelFactory.from_spec(trained.model_spec)
         context = TileContext(self.run, self.factory, self.settings.training, self.settings.runtime)
-        batch = getattr(datamodule, "eval_batch_size", None) or _eval_batch_size(trained.data_spec)
+        batch = getattr(datamodule, "eval_batch_size", None) or trained.eval_batch_size
         return SplitPredictor(context, self.settings, self.progress, batch)
-
-
-def _eval_batch_size(data_spec: dict | None) -> int:
-    """The run's data-module eval batch size (anomalib's default, 32, when unknown)."""
-    return int(((data_spec or {}).get("init_args") or {}).get("eval_batch_size") or 32)
