@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -183,10 +184,14 @@ class FitTileJob(TileJobBase):
             predict_tile(context, model, position, self.test)
         digest = file_digest(checkpoint.path)
         seconds = time.perf_counter() - started
+        device, visible = engine.trainer.strategy.root_device, os.environ.get("CUDA_VISIBLE_DEVICES")
+        # Which physical GPU a pinned worker's cuda:0 is.
+        where = f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device.type == "cuda" and visible else str(device)
         logger.info(
-            "%s trained in %.1f s (%d training tiles, checkpoint %.1f MB).",
+            "%s trained in %.1f s on %s (%d training tiles, checkpoint %.1f MB).",
             position.name,
             seconds,
+            where,
             len(self.train.record),
             checkpoint.path.stat().st_size / 2**20,
         )

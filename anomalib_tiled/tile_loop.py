@@ -92,4 +92,6 @@ def runner_for(runtime: RuntimeSettings) -> Runner:
     gpus = visible_gpus(runtime.accelerator)
     if execution.runner == "processes":
         return ProcessRunner(plan_slots(execution, gpus=gpus, cores=available_cores()), execution.max_retries)
-    return RayRunner(execution.ray, ray_task_resources(execution, gpu=gpus > 0), execution.max_retries)
+    # A cluster's GPUs may be on other nodes than this one.
+    gpu = runtime.accelerator in {"gpu", "cuda"} or gpus > 0
+    return RayRunner(execution.ray, ray_task_resources(execution, gpu=gpu), execution.max_retries)

@@ -92,9 +92,7 @@ def execute(job: Any, *, remote: bool) -> Outcome:
         try:
             outcome = Outcome(result=job.run())
         except Exception as error:  # noqa: BLE001 - the runner decides what a failed tile means
-            outcome = Outcome(error=_portable(error) if remote else error)
-            if remote:
-                outcome.traceback = "".join(traceback.format_exception(error))
+            outcome = failure(error) if remote else Outcome(error=error)
         finally:
             # The tile's model and trainer are unreachable now; return their memory before the next tile.
             release()
@@ -123,14 +121,25 @@ def serve(reader: Connection, writer: Connection) -> None:
     """
     try:
         path, setup = reader.recv()
-        # The parent's modules (its script's folder, the user's callbacks) are importable here too.
-        sys.path[:] = [*path, *(entry for entry in sys.path if entry not in path)]
-        setup.apply()  # before a job's imports warn
-        while (job := reader.recv()) is not None:
-            setup.apply()
-            writer.send(execute(job, remote=True))
     except EOFError:
         return
+    # The parent's modules (its script's folder, the user's callbacks) are importable here too.
+    sys.path[:] = [*path, *(entry for entry in sys.path if entry not in path)]
+    setup.apply()  # before a job's imports warn
+    while (job := _next_job(reader, writer)) is not None:
+        setup.apply()
+        writer.send(execute(job, remote=True))
+
+
+def _next_job(reader: Connection, writer: Connection) -> Any:
+    """The next job that can be rebuilt here; None at the end (``None`` sent, or the pipe closed)."""
+    while True:
+        try:
+            return reader.recv()
+        except EOFError:  # noqa: PERF203 - once per job: nothing to gain outside the loop
+            return None
+        except Exception as error:  # noqa: BLE001 - e.g. a callback class only the parent's __main__ has
+            writer.send(failure(error))
 
 
 def ray_execute(job: Any, threads: int, setup: WorkerSetup) -> Outcome:
@@ -140,6 +149,11 @@ def ray_execute(job: Any, threads: int, setup: WorkerSetup) -> Outcome:
     torch.set_num_threads(threads)
     setup.apply()
     return execute(job, remote=True)
+
+
+def failure(error: Exception) -> Outcome:
+    """The outcome of a job that raised ``error``, ready to travel to another process."""
+    return Outcome(error=_portable(error), traceback="".join(traceback.format_exception(error)))
 
 
 def _portable(error: Exception) -> Exception:
