@@ -31,8 +31,12 @@ from anomalib_tiled.tile_worker import Outcome, WorkerSetup
 STOP_SECONDS = 30.0
 """How long idle workers get to exit before they are killed."""
 
-WORKER_CODE = "from anomalib_tiled.tile_worker import main; main()"
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+# Appended, not prepended: an installed package wins, and nothing can shadow the standard library.
+WORKER_CODE = (
+    f"import sys; sys.path.append({str(Path(__file__).resolve().parent.parent)!r}); "
+    "from anomalib_tiled.tile_worker import main; main()"
+)
+"""What a worker runs: it finds this package where this process does, installed or not."""
 
 
 class ProcessRunner:
@@ -141,14 +145,11 @@ class WorkerPool:
     def _start(self, slot: Slot) -> _Worker:
         to_worker, writer_fd = os.pipe()
         reader_fd, from_worker = os.pipe()
-        env = worker_environment(slot, os.environ)
-        # The worker imports this package from where this process does, installed or not.
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (PACKAGE_ROOT, env.get("PYTHONPATH"))))
         process = subprocess.Popen(  # noqa: S603 - this interpreter, our own code
             [sys.executable, "-c", WORKER_CODE],
             stdin=to_worker,
             stdout=from_worker,
-            env=env,
+            env=worker_environment(slot, os.environ),
             # Its own session: Ctrl-C in a terminal reaches only this process, which then ends the workers.
             start_new_session=True,
         )

@@ -69,7 +69,8 @@ class WorkerSetup:
             for name, item in loggers
             if isinstance(item, logging.Logger) and item.level and not name.startswith(PACKAGE_LOGGER)
         }
-        return cls(levels, list(warnings.filters))
+        # A filter for a warning class only this process knows (a script's own) cannot travel.
+        return cls(levels, [item for item in warnings.filters if _survives_pickling(item)])
 
     def apply(self) -> None:
         """Set them in this worker (after the job's imports: importing Lightning resets its loggers)."""
@@ -158,11 +159,15 @@ def failure(error: Exception) -> Outcome:
 
 def _portable(error: Exception) -> Exception:
     """``error`` if it survives pickling, else a RuntimeError with its type and message."""
+    return error if _survives_pickling(error) else RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _survives_pickling(item: Any) -> bool:
     try:
-        pickle.loads(pickle.dumps(error))  # noqa: S301 - our own bytes, a moment ago
+        pickle.loads(pickle.dumps(item))  # noqa: S301 - our own bytes, a moment ago
     except Exception:  # noqa: BLE001 - any pickling failure means the same
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
+        return False
+    return True
 
 
 class _RecordList(logging.Handler):

@@ -34,13 +34,12 @@ from rich.console import Console
 
 from benchmarks.compare_upstream import (
     EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
     PRETRAINED_MODEL,
     QUICK_DATA,
     RANDOM_MODEL,
     REPO,
     UsageError,
+    report_stop,
 )
 from benchmarks.datasets import build_subset, make_synthetic
 from benchmarks.report import machine_info
@@ -279,12 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="anomalib-tiled-scaling-") as scratch:
             grids = measure(args, dataset(args, Path(scratch)), out, console)
-    except UsageError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; the running contender was stopped and no report was written\n")
-        return EXIT_INTERRUPTED
+    except (UsageError, KeyboardInterrupt) as error:
+        return report_stop(error, "contender")
     markdown = render(grids, machine_info(REPO), args)
     (out / "results.md").write_text(markdown, encoding="utf-8")
     results = {grid.name: [m.__dict__ | {"result": m.result.to_dict()} for m in grid.measurements] for grid in grids}
