@@ -21,6 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.settings import (
     EnsembleSettings,
+    ExecutionSettings,
     MergeConfig,
     MetricsConfig,
     NormalizationStageName,
@@ -110,6 +111,12 @@ def _add_runtime_arguments(parser: ArgumentParser) -> None:
         default=Path("results"),
         help="Results root; a run goes to <root>/<Model>/<Dataset>/<category>/vN.",
     )
+    add_execution_arguments(parser)
+
+
+def add_execution_arguments(parser: ArgumentParser) -> None:
+    """Add the ``execution`` keys: which runner spreads tile jobs over which workers and devices."""
+    parser.add_class_arguments(ExecutionSettings, "execution", help="Where tile jobs run (serial, processes, ray).")
 
 
 def settings_parser() -> ArgumentParser:
@@ -139,7 +146,10 @@ def settings_from_namespace(cfg: Namespace) -> EnsembleSettings:
             visualization=VisualizationConfig(**plain(cfg.visualization)),
         ),
         runtime=RuntimeSettings(
-            accelerator=cfg.accelerator, devices=plain(cfg.get("devices")), default_root_dir=cfg.default_root_dir
+            accelerator=cfg.accelerator,
+            devices=plain(cfg.get("devices")),
+            default_root_dir=cfg.default_root_dir,
+            execution=plain(cfg.execution),
         ),
     )
 
@@ -204,6 +214,7 @@ def settings_to_config(settings: EnsembleSettings, model_spec: dict | None, data
         "accelerator": runtime.accelerator,
         **({"devices": as_yaml_value(runtime.devices)} if runtime.devices is not None else {}),
         "default_root_dir": str(runtime.default_root_dir),
+        "execution": as_yaml_value(asdict(runtime.execution)),
         "tiling": {"tile_size": list(grid.tile_size), "stride": list(grid.stride), "image_size": list(grid.image_size)},
         "normalization_stage": as_yaml_value(post.normalization_stage),
         "thresholding": as_yaml_value(asdict(post.thresholding)),

@@ -32,6 +32,7 @@ from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config
 from anomalib_tiled.session import RunLog, RunSession, create_run, resume_run
 from anomalib_tiled.settings import (
     EnsembleSettings,
+    ExecutionSettings,
     MergeConfig,
     MetricsConfig,
     NormalizationStage,
@@ -70,6 +71,7 @@ class TiledEnsembleEngine:
         visualization: Result-image settings.
         callbacks: Lightning callbacks for every tile model (copied per tile).
         progress: Receives progress (default: none is shown).
+        execution: Where tile jobs run: an :class:`~anomalib_tiled.settings.ExecutionSettings` or a dict of its fields.
         **trainer_kwargs: Lightning Trainer arguments for every tile model (``max_epochs``...).
     """
 
@@ -93,6 +95,7 @@ class TiledEnsembleEngine:
         visualization: VisualizationConfig | None = None,
         callbacks: list[Any] | None = None,
         progress: ProgressListener | None = None,
+        execution: ExecutionSettings | dict[str, Any] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         if not isinstance(thresholding, ThresholdingConfig):
@@ -111,7 +114,7 @@ class TiledEnsembleEngine:
                 metrics=MetricsConfig(**{level: list(specs) for level, specs in metrics.items() if specs is not None}),
                 visualization=visualization or VisualizationConfig(),
             ),
-            runtime=RuntimeSettings(accelerator=accelerator, default_root_dir=Path(default_root_dir)),
+            runtime=RuntimeSettings(accelerator=accelerator, default_root_dir=default_root_dir, execution=execution),
         )
         self._init(settings, progress)
 
@@ -201,7 +204,7 @@ class TiledEnsembleEngine:
         return self.run
 
     def test(self, datamodule: Any = None) -> list[dict[str, float]]:
-        """Evaluate the trained ensemble on a test split.
+        """Evaluate the trained ensemble on a test split; returns ``[{metric name: value}]`` like ``Engine.test``.
 
         Stored tile predictions of the split are reused, missing ones predicted. Results go to a new
         ``eval/vN`` folder: ``metrics.json``/``.csv``, ``predictions.csv``, ``images/``, ``report.html``.
@@ -209,14 +212,12 @@ class TiledEnsembleEngine:
         Args:
             datamodule: Data module whose test split is evaluated; defaults to the one used by
                 :meth:`fit`, else the run's recorded test split.
-
-        Returns:
-            ``[{metric name: value}]``, like ``Engine.test``.
         """
-        predictor = self._predictor(datamodule or self.datamodule)
+        datamodule = datamodule or self.datamodule
+        predictor = self._predictor(datamodule)
         run = predictor.context.run
         with RunLog(run.log_path):
-            record = resolve_test_split(predictor, datamodule or self.datamodule)
+            record = resolve_test_split(predictor, datamodule)
             output = run.new_output_dir("eval")
             results = evaluate(predictor, record, output)
         RunSession(run, len(self.grid)).evaluated(output, results)
@@ -236,9 +237,8 @@ class TiledEnsembleEngine:
             ``predictions.csv`` and ``report.html``.
         """
         predictor = self._predictor(None)
-        run = predictor.context.run
-        with RunLog(run.log_path):
-            out = Path(output) if output is not None else run.new_output_dir("predict")
+        with RunLog(predictor.context.run.log_path):
+            out = Path(output) if output is not None else predictor.context.run.new_output_dir("predict")
             return predict_images(predictor, data_path, out, self.progress)
 
     def _predictor(self, datamodule: Any) -> SplitPredictor:

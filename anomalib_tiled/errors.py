@@ -27,6 +27,10 @@ class RunDirectoryError(TiledEnsembleError):
     """A run directory is missing, incomplete or corrupt."""
 
 
+class TileJobError(TiledEnsembleError):
+    """A tile job raised or its worker kept dying; the message names the tile and the cause."""
+
+
 class RunInterruptedError(TiledEnsembleError):
     """Training was interrupted; finished tiles are kept and the run can be resumed."""
 

@@ -43,6 +43,11 @@ class RunConfig:
     model_spec: dict[str, Any]
     data_spec: dict[str, Any] | None
 
+    @property
+    def eval_batch_size(self) -> int:
+        """The data module's eval batch size (anomalib's default, 32, when unknown)."""
+        return int(((self.data_spec or {}).get("init_args") or {}).get("eval_batch_size") or 32)
+
 
 def write_run_config(run: RunDirectory, config: RunConfig) -> None:
     """Write ``config.yaml`` (atomically)."""

@@ -6,8 +6,9 @@ The settings are split by what may change once a run is trained:
   fixes them;
 * :class:`PostProcessingSettings` — what turns tile predictions into results (normalisation,
   thresholds, seam smoothing, merging, metrics, pictures); an evaluation may change them;
-* :class:`RuntimeSettings` — where work runs and writes (accelerator, devices, output root); any
-  command may change them, so a run trained on a GPU is evaluated on a CPU.
+* :class:`RuntimeSettings` — where work runs and writes (accelerator, devices, output root, and how
+  tile jobs are spread over workers: :class:`ExecutionSettings`); any command may change them, so a
+  run trained on a GPU server is evaluated on a CPU.
 
 Construction checks only values (ranges, enum names): no I/O, no imports of heavy libraries and no
 hardware checks. Those run just before work, in :mod:`anomalib_tiled.validation`.
@@ -15,10 +16,11 @@ hardware checks. Those run just before work, in :mod:`anomalib_tiled.validation`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, get_args
 
 from anomalib_tiled.errors import ConfigError, did_you_mean
 from anomalib_tiled.merging import ImageScore
@@ -45,6 +47,9 @@ NormalizationStageName = Literal["tile", "image", "none"]
 ThresholdStageName = Literal["tile", "image"]
 BlendingName = Literal["mean", "hann", "gaussian"]
 ImageScoreName = Literal["max_map", "mean_tiles", "max_tiles"]
+RunnerName = Literal["serial", "processes", "ray"]
+AUTO = "auto"
+T = TypeVar("T")
 
 
 @dataclass
@@ -205,6 +210,77 @@ class PostProcessingSettings:
 
 
 @dataclass
+class RaySettings:
+    """How the ``ray`` runner uses a Ray cluster.
+
+    Args:
+        address: ``None`` starts a local Ray for the run; ``auto`` joins the cluster this machine
+            belongs to (``ray start``); ``ray://host:10001`` connects through Ray Client.
+        num_cpus_per_tile: CPUs Ray reserves for one tile job.
+        num_gpus_per_tile: GPUs Ray reserves for one tile job; ``auto``: ``1 / tiles_per_device``
+            on a GPU, ``0`` on a CPU.
+        runtime_env: Ray ``runtime_env`` of the tile jobs (``env_vars``, ``pip``...); ``None``
+            relies on an identical environment on every node.
+    """
+
+    address: str | None = None
+    num_cpus_per_tile: float = 1
+    num_gpus_per_tile: float | Literal["auto"] = AUTO
+    runtime_env: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus_per_tile <= 0:
+            msg = f"execution.ray.num_cpus_per_tile: must be > 0, got {self.num_cpus_per_tile}"
+            raise ConfigError(msg)
+        if self.num_gpus_per_tile != AUTO and not 0 <= float(self.num_gpus_per_tile) <= 1:
+            msg = f"execution.ray.num_gpus_per_tile: must be auto or in [0, 1], got {self.num_gpus_per_tile!r}"
+            raise ConfigError(msg)
+
+
+@dataclass
+class ExecutionSettings:
+    """Where tile jobs run: one after another, in local worker processes, or as Ray tasks.
+
+    Args:
+        runner: ``serial`` (in this process), ``processes`` (local worker processes, one device
+            each) or ``ray`` (one Ray task per tile, on this machine or a cluster).
+        workers: Tile jobs running at once; ``auto``: one per device slot on a GPU (devices x
+            tiles_per_device), cores / threads_per_worker on a CPU (every tile with Ray).
+        devices: ``auto`` (every visible GPU) or GPU indices ``[0, 1, 3]`` that tiles are spread
+            over (``processes``); a tile uses exactly one.
+        tiles_per_device: Tile jobs sharing one GPU.
+        threads_per_worker: Torch intra-op threads of each worker; ``auto``: 1 when ``workers`` is
+            ``auto``, else cores / workers (workers x threads never exceed the cores).
+        max_retries: Times a tile is run again after its worker died (killed, node lost); a tile
+            that raises is never retried.
+        ray: Ray settings.
+    """
+
+    runner: RunnerName = "serial"
+    workers: int | Literal["auto"] = AUTO
+    devices: Literal["auto"] | list[int] = AUTO
+    tiles_per_device: int = 1
+    threads_per_worker: int | Literal["auto"] = AUTO
+    max_retries: int = 2
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    def __post_init__(self) -> None:
+        self.ray = from_dict(RaySettings, self.ray, "execution.ray")
+        check_choice(self.runner, get_args(RunnerName), "execution.runner")
+        for key in ("workers", "threads_per_worker", "tiles_per_device"):
+            value = getattr(self, key)
+            if (value != AUTO or key == "tiles_per_device") and (not isinstance(value, int) or value < 1):
+                msg = f"execution.{key}: must be an integer >= 1{'' if key == 'tiles_per_device' else ' or auto'}"
+                raise ConfigError(f"{msg}, got {value!r}")
+        if self.devices != AUTO and (not self.devices or len(set(self.devices)) != len(self.devices)):
+            msg = f"execution.devices: must be auto or distinct GPU indices such as [0, 1], got {self.devices!r}"
+            raise ConfigError(msg)
+        if self.max_retries < 0:
+            msg = f"execution.max_retries: must be >= 0, got {self.max_retries}"
+            raise ConfigError(msg)
+
+
+@dataclass
 class RuntimeSettings:
     """Where the work runs and writes; any command may change it.
 
@@ -213,14 +289,18 @@ class RuntimeSettings:
         devices: Device of the tile models: ``auto``/``1`` (the first one) or ``[index]``; ``None``
             keeps ``TrainModels.trainer.devices``.
         default_root_dir: Results root; runs go to ``<root>/<Model>/<Dataset>/<category>/vN``.
+        execution: How tile jobs are spread over workers and devices (an :class:`ExecutionSettings`
+            or a dict of its fields).
     """
 
     accelerator: str = "auto"
     devices: int | str | list[int] | None = None
     default_root_dir: Path = Path("results")
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
 
     def __post_init__(self) -> None:
         self.default_root_dir = Path(self.default_root_dir)
+        self.execution = from_dict(ExecutionSettings, self.execution or {}, "execution")
 
 
 @dataclass
@@ -260,12 +340,34 @@ def enum_value(enum_cls: type[Enum], value: Any, key: str) -> Any:
     """
     if isinstance(value, enum_cls):
         return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        choices = [member.value for member in enum_cls]
-        msg = f"{key}: unknown value {value!r}{did_you_mean(str(value), choices)}; use one of {choices}"
-        raise ConfigError(msg) from None
+    check_choice(value, [member.value for member in enum_cls], key)
+    return enum_cls(value)
+
+
+def check_choice(value: Any, choices: Sequence[str], key: str) -> None:
+    """Fail unless ``value`` is one of ``choices``.
+
+    Raises:
+        ConfigError: Naming ``key``, the closest choice and all of them.
+    """
+    if value not in choices:
+        msg = f"{key}: unknown value {value!r}{did_you_mean(str(value), choices)}; use one of {list(choices)}"
+        raise ConfigError(msg)
+
+
+def from_dict(cls: type[T], value: T | dict[str, Any], key: str) -> T:
+    """A settings dataclass from a dict of its fields (the Python API accepts both).
+
+    Raises:
+        ConfigError: Naming ``key.<field>`` for a field the class does not have.
+    """
+    if not isinstance(value, dict):
+        return value
+    names = [item.name for item in fields(cls)]
+    for name in value:
+        if name not in names:
+            raise ConfigError(f"{key}.{name}: unknown key{did_you_mean(name, names)}; use one of {names}")
+    return cls(**value)
 
 
 def _as_list(value: Any) -> list:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from anomalib.models import AnomalibModule
 from lightning.pytorch import Trainer, seed_everything
 
 from anomalib_tiled.components import fresh_callbacks, fresh_loggers
-from anomalib_tiled.errors import ConfigError
+from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.npyfile import NpyFile
 from anomalib_tiled.run import RunDirectory, atomic_path, file_digest
@@ -74,6 +75,10 @@ class TileContext:
         }
         return TileEngine(callbacks=callbacks, default_root_dir=tile_dir, **arguments)
 
+    def pinned(self) -> TileContext:
+        """A copy for a worker pinned to one device, which it sees as its first (``CUDA_VISIBLE_DEVICES``)."""
+        return replace(self, runtime=replace(self.runtime, devices=1))
+
 
 @dataclass
 class TileSplit:
@@ -98,24 +103,46 @@ class TileSplit:
 
 @dataclass
 class TileResult:
-    """What a finished tile job reports."""
+    """What a finished tile job reports.
+
+    Attributes:
+        name: The tile position's name.
+        seconds: Wall time of the job.
+        checkpoint: Size and sha256 of the checkpoint a fit wrote (None for predictions).
+    """
 
     name: str
     seconds: float
+    checkpoint: dict[str, Any] | None = None
 
 
 @dataclass
-class PredictTileJob:
-    """Predict one split with the trained model of one tile position (``eval``, ``predict``)."""
+class TileJobBase:
+    """What every tile job has: the shared context and its tile position.
+
+    Attributes:
+        context: What every tile job of the run shares.
+        position: The tile position.
+    """
 
     context: TileContext
     position: TilePosition
-    split: TileSplit
 
     @property
     def name(self) -> str:
         """The tile position's name."""
         return self.position.name
+
+    def pinned(self) -> TileJobBase:
+        """A copy for a worker pinned to one device (see :meth:`TileContext.pinned`)."""
+        return replace(self, context=self.context.pinned())
+
+
+@dataclass
+class PredictTileJob(TileJobBase):
+    """Predict one split with the trained model of one tile position (``eval``, ``predict``)."""
+
+    split: TileSplit
 
     def run(self) -> TileResult:
         """Load the verified checkpoint and store the tile's predictions."""
@@ -124,25 +151,22 @@ class PredictTileJob:
         predict_tile(self.context, model, self.position, self.split)
         return TileResult(self.name, time.perf_counter() - started)
 
+    def finish(self, result: TileResult) -> None:
+        """Nothing to record: the store marks the tile's predictions complete itself."""
+        del result
+
 
 @dataclass
-class FitTileJob:
+class FitTileJob(TileJobBase):
     """Fit the model of one tile position, store its validation (and test) predictions, save its checkpoint."""
 
-    context: TileContext
-    position: TilePosition
     train: TileSplit
     val: TileSplit | None = None
     test: TileSplit | None = None
     monitored: list[str] = field(default_factory=list)
 
-    @property
-    def name(self) -> str:
-        """The tile position's name."""
-        return self.position.name
-
     def run(self) -> TileResult:
-        """Train the tile; the manifest records it only once its checkpoint is written."""
+        """Train the tile and save its checkpoint; :meth:`finish` records it in the manifest."""
         started = time.perf_counter()
         context, position = self.context, self.position
         seed_tile(context.training.seed, position.index)
@@ -159,16 +183,38 @@ class FitTileJob:
             engine.validate(model=model, dataloaders=val_loader, verbose=False)
         if self.test is not None:
             predict_tile(context, model, position, self.test)
-        context.run.record_tile(position.name, {"checkpoint": file_digest(checkpoint.path)})
+        digest = file_digest(checkpoint.path)
         seconds = time.perf_counter() - started
+        device, visible = engine.trainer.strategy.root_device, os.environ.get("CUDA_VISIBLE_DEVICES")
+        # Which physical GPU a pinned worker's cuda:0 is.
+        where = f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device.type == "cuda" and visible else str(device)
         logger.info(
-            "%s trained in %.1f s (%d training tiles, checkpoint %.1f MB).",
+            "%s trained in %.1f s on %s (%d training tiles, checkpoint %.1f MB).",
             position.name,
             seconds,
+            where,
             len(self.train.record),
             checkpoint.path.stat().st_size / 2**20,
         )
-        return TileResult(self.name, seconds)
+        return TileResult(self.name, seconds, digest)
+
+    def finish(self, result: TileResult) -> None:
+        """Record the tile as done, once the checkpoint here matches the one the job wrote.
+
+        Runs in the process that owns the run (the only writer of ``manifest.json``), whichever
+        worker or node ran the job.
+
+        Raises:
+            RunDirectoryError: If the checkpoint is missing or differs (storage not shared).
+        """
+        path = self.context.run.checkpoint_path(self.name)
+        if result.checkpoint is None or not path.is_file() or file_digest(path) != result.checkpoint:
+            msg = (
+                f"{path}: the checkpoint written by the tile job is missing or different here; put the run "
+                "directory on storage every worker sees (see docs/distributed.md)"
+            )
+            raise RunDirectoryError(msg)
+        self.context.run.record_tile(self.name, {"checkpoint": result.checkpoint})
 
 
 def predict_tile(context: TileContext, model: AnomalibModule, position: TilePosition, split: TileSplit) -> None:

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from anomalib_tiled.placement import available_cores, plan_slots, ray_task_resources
+from anomalib_tiled.process_runner import ProcessRunner
 from anomalib_tiled.progress import ProgressListener, Task
+from anomalib_tiled.ray_runner import RayRunner
 from anomalib_tiled.runners import Runner, SerialRunner
+from anomalib_tiled.settings import RuntimeSettings
 from anomalib_tiled.store import PredictionStore
 from anomalib_tiled.tile_jobs import FitTileJob, PredictTileJob, TileContext, TileSplit
 from anomalib_tiled.tiling import TileGrid, TilePosition
+from anomalib_tiled.validation import visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +30,7 @@ class TileLoop:
         context: What every tile job shares (run, model factory, settings).
         grid: The tile grid.
         listener: Progress reporting.
-        runner: Where jobs run (default: one after another in this process).
+        runner: Where jobs run (default: the runner of ``context.runtime.execution``).
     """
 
     def __init__(
@@ -34,7 +39,7 @@ class TileLoop:
         self.context = context
         self.grid = grid
         self.listener = listener
-        self.runner = runner or SerialRunner()
+        self.runner = runner or runner_for(context.runtime)
 
     def fit(self, train: TileSplit, val: TileSplit | None, test: TileSplit | None, monitored: list[str]) -> None:
         """Fit every tile position that is not done yet.
@@ -73,3 +78,20 @@ class TileLoop:
             split.store is not None and split.store.is_complete(position.name, split.record.fingerprint)
             for split in stored
         )
+
+
+def runner_for(runtime: RuntimeSettings) -> Runner:
+    """The runner ``runtime.execution`` asks for, placed on this machine's devices and cores.
+
+    Raises:
+        ConfigError: If the execution settings do not fit this machine.
+    """
+    execution = runtime.execution
+    if execution.runner == "serial":
+        return SerialRunner()
+    gpus = visible_gpus(runtime.accelerator)
+    if execution.runner == "processes":
+        return ProcessRunner(plan_slots(execution, gpus=gpus, cores=available_cores()), execution.max_retries)
+    # A cluster's GPUs may be on other nodes than this one.
+    gpu = runtime.accelerator in {"gpu", "cuda"} or gpus > 0
+    return RayRunner(execution.ray, ray_task_resources(execution, gpu=gpu), execution.max_retries)

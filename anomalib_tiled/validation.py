@@ -17,7 +17,9 @@ from typing import Any
 from anomalib_tiled.components import threshold_class
 from anomalib_tiled.errors import ConfigError, DataError, RunDirectoryError, did_you_mean
 from anomalib_tiled.metrics import build_metric
-from anomalib_tiled.settings import EnsembleSettings, MetricsConfig, PostProcessingSettings, RuntimeSettings
+from anomalib_tiled.placement import available_cores, plan_slots
+from anomalib_tiled.ray_runner import import_ray
+from anomalib_tiled.settings import AUTO, EnsembleSettings, MetricsConfig, PostProcessingSettings, RuntimeSettings
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -42,7 +44,7 @@ def check_runtime(runtime: RuntimeSettings) -> None:
         suggestion = did_you_mean(accelerator, ACCELERATORS)
         msg = f"accelerator: unknown value {accelerator!r}{suggestion}; use one of {list(ACCELERATORS)}"
         raise ConfigError(msg)
-    if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available():
+    if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available() and not _on_cluster(runtime):
         msg = (
             f"accelerator: '{accelerator}' requested but no CUDA GPU is available on this machine "
             "(torch.cuda.is_available() is False); use accelerator: cpu or auto"
@@ -55,6 +57,40 @@ def check_runtime(runtime: RuntimeSettings) -> None:
         raise ConfigError(msg)
     if runtime.devices is not None:
         check_one_device(runtime.devices, "devices")
+    check_execution(runtime)
+
+
+def check_execution(runtime: RuntimeSettings) -> None:
+    """Fail if the runner cannot run here: Ray missing, more workers, threads or devices than the machine has.
+
+    Raises:
+        ConfigError: Naming the ``execution`` key and the fix.
+    """
+    execution = runtime.execution
+    if execution.runner == "processes":
+        plan_slots(execution, gpus=visible_gpus(runtime.accelerator), cores=available_cores())
+    elif execution.runner == "ray":
+        import_ray()
+        if execution.devices != AUTO:
+            msg = (
+                f"execution.devices: {execution.devices} cannot be used with runner ray, which assigns GPUs itself; "
+                "use devices: auto and start Ray with the GPUs to use (CUDA_VISIBLE_DEVICES or ray start --num-gpus)"
+            )
+            raise ConfigError(msg)
+
+
+def visible_gpus(accelerator: str) -> int:
+    """CUDA devices the tile models may use on this machine (0 when they run on the CPU or MPS)."""
+    import torch  # noqa: PLC0415
+
+    if accelerator not in {"auto", "gpu", "cuda"} or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.device_count()
+
+
+def _on_cluster(runtime: RuntimeSettings) -> bool:
+    """Whether tiles run on the nodes of a Ray cluster, whose GPUs this machine need not have."""
+    return runtime.execution.runner == "ray" and runtime.execution.ray.address is not None
 
 
 def check_one_device(devices: Any, key: str) -> None:
@@ -62,8 +98,8 @@ def check_one_device(devices: Any, key: str) -> None:
     if devices in (1, "1", "auto") or (isinstance(devices, list) and len(devices) == 1):
         return
     msg = (
-        f"{key}: {devices!r} is not supported; each tile model runs on one device: use 1, auto or [index] "
-        "(or choose the GPU with CUDA_VISIBLE_DEVICES)"
+        f"{key}: {devices!r} is not supported; each tile model runs on one device: use 1, auto or [index], "
+        "and spread tiles over devices with execution.runner: processes and execution.devices"
     )
     raise ConfigError(msg)
 

@@ -427,6 +427,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 
+def report_stop(error: UsageError | KeyboardInterrupt, running: str) -> int:
+    """Say in one line why a benchmark stopped early; return its exit status (2: usage error, 130: interrupted)."""
+    if isinstance(error, KeyboardInterrupt):
+        sys.stderr.write(f"error: interrupted; the running {running} was stopped and no report was written\n")
+        return EXIT_INTERRUPTED
+    sys.stderr.write(f"error: {error}\n")
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the Markdown report and write it with the JSON results.
 
@@ -446,12 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine = machine_info(REPO)
         scenarios = benchmark.run()
         markdown_path, json_path, markdown = write_report(run_root, machine, benchmark.settings(), scenarios)
-    except UsageError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted; the running side was stopped and no report was written\n")
-        return EXIT_INTERRUPTED
+    except (UsageError, KeyboardInterrupt) as error:
+        return report_stop(error, "side")
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(scratch, ignore_errors=True)

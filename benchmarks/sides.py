@@ -50,6 +50,7 @@ class Workload:
         num_workers: Data loader workers.
         accelerator: Lightning accelerator.
         seam_smoothing: Smooth tile seams.
+        execution: ``execution`` keys of ours (runner, workers...); None keeps the serial default.
     """
 
     data_root: Path
@@ -63,6 +64,7 @@ class Workload:
     num_workers: int = 2
     accelerator: str = "cpu"
     seam_smoothing: bool = False
+    execution: dict[str, Any] | None = None
 
     def data_spec(self) -> dict[str, Any]:
         """``{class_path, init_args}`` of the data module, with the split modes upstream requires spelled out."""
@@ -104,6 +106,8 @@ class Workload:
             "metrics": {"image": ["AUROC", "F1Score"], "pixel": ["AUROC", "F1Score"]},
         }
         config["visualization"] = {"save": True}
+        if self.execution is not None:
+            config["execution"] = self.execution
         return config
 
     def upstream_config(self, default_root_dir: Path) -> dict[str, Any]:
@@ -243,13 +247,20 @@ def run_ours(workload: Workload, directory: Path, launcher: Launcher, mode: str 
 
 def _logged_at(log: Path, message: str) -> float | None:
     """Wall-clock time of the first ``run.log`` record containing ``message`` (``asctime`` format)."""
+    records = logged_records(log, message)
+    return records[0][0] if records else None
+
+
+def logged_records(log: Path, message: str) -> list[tuple[float, str]]:
+    """Wall-clock time and text of every ``run.log`` record containing ``message``, in order."""
     if not log.is_file():
-        return None
+        return []
+    found = []
     for line in log.read_text(encoding="utf-8").splitlines():
         if message in line:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # noqa: DTZ007 - local time, as logged
-            return stamp.timestamp()
-    return None
+            found.append((stamp.timestamp(), line[24:]))
+    return found
 
 
 def run_upstream(workload: Workload, directory: Path, launcher: Launcher, *, pass_init_args: bool = True) -> SideResult:

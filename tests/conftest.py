@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGE_SIZE = 128
 TILE_SIZE = 64
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +83,32 @@ def trained_run(dataset_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     runs = sorted((work / "results" / "Padim" / "MVTecAD" / CATEGORY).glob("v*"))
     assert len(runs) == 1
     return runs[0]
+
+
+def interrupt_training(config: Path, results: Path) -> tuple[Path, str]:
+    """Run ``python -m anomalib_tiled train`` in a subprocess and send it SIGINT once a tile is recorded.
+
+    Returns:
+        The run's ``manifest.json`` and the command's standard error (its exit status was 130).
+    """
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "anomalib_tiled", "train", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    manifest_path = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(results.glob("*/*/*/v0/manifest.json"))
+        if found and len(json.loads(found[0].read_text())["tiles"]) >= 1:
+            manifest_path = found[0]
+            break
+        time.sleep(0.2)
+    assert manifest_path is not None, process.communicate()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    return manifest_path, stderr

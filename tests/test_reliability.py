@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +16,7 @@ from PIL import Image
 
 from anomalib_tiled.cli import main
 from anomalib_tiled.synthetic import CATEGORY, make_dataset
-from tests.conftest import IMAGE_SIZE, base_config, write_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import IMAGE_SIZE, base_config, interrupt_training, write_config
 
 
 class PauseAfterFit(Callback):
@@ -270,26 +264,7 @@ def test_sigint_during_training_keeps_finished_tiles_and_resume_matches_an_unint
         },
     }
     config = write_config(tmp_path / "c.yaml", cfg)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "anomalib_tiled", "train", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    manifest_path = None
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list((tmp_path / "results").glob("*/*/*/v0/manifest.json"))
-        if found and len(json.loads(found[0].read_text())["tiles"]) >= 1:
-            manifest_path = found[0]
-            break
-        time.sleep(0.2)
-    assert manifest_path is not None, process.communicate()
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    manifest_path, stderr = interrupt_training(config, tmp_path / "results")
     run = manifest_path.parent
     manifest = json.loads(manifest_path.read_text())
     assert manifest["status"] == "interrupted"

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
 from anomalib_tiled.cli.legacy import PARSER_MODE, register_loader
 from anomalib_tiled.cli.subcommands import SUBCOMMANDS
-from anomalib_tiled.configfile import add_settings_arguments
+from anomalib_tiled.configfile import add_execution_arguments, add_settings_arguments
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.parse_errors import condense_parser_error
 from anomalib_tiled.run import RunDirectory
@@ -59,6 +60,7 @@ def _add_predict_arguments(parser: ArgumentParser) -> None:
     parser.add_argument("--visualization.save", type=bool | None, default=None, help="Write result pictures.")
     parser.add_argument("--visualization.max_side", type=int | None, default=None, help="Longest picture side.")
     parser.add_argument("--visualization.grid", type=bool | None, default=None, help="Draw the tile grid.")
+    add_execution_arguments(parser)
 
 
 def parse_args(command: str, args: list[str]) -> Namespace:
@@ -73,6 +75,10 @@ def parse_args(command: str, args: list[str]) -> Namespace:
         args = ["--config", str(RunDirectory.open(root).config_path), *args]
     if command == "train" and (root := _argument(args, "--resume")) is not None:
         args = ["--config", str(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
+    if command == "predict" and (root := _argument(args, "--root")) is not None:
+        # Like every unset predict option, the execution keys default to the run's own.
+        config = yaml.safe_load(RunDirectory.open(root).config_path.read_text(encoding="utf-8"))
+        parser.set_defaults({"execution": config.get("execution") or {}})
     try:
         return parser.parse_args(args)
     except ArgumentError as error:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from anomalib_tiled.cli.arguments import parse_args
 from anomalib_tiled.cli.console import ConsoleProgress, quiet_libraries
 from anomalib_tiled.components import instantiate_datamodule
-from anomalib_tiled.configfile import settings_from_namespace, spec_from_namespace
+from anomalib_tiled.configfile import plain, settings_from_namespace, spec_from_namespace
 from anomalib_tiled.engine import TiledEnsembleEngine
 from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.report import REPORT_DATA, REPORT_HTML, load_report_data, render_report
@@ -73,6 +73,7 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
         accelerator=cfg.accelerator or trained.runtime.accelerator,
         devices=cfg.devices if cfg.devices is not None else trained.runtime.devices,
         default_root_dir=trained.runtime.default_root_dir,
+        execution=plain(cfg.execution),
     )
     engine.settings = dataclasses.replace(trained, postprocessing=post, runtime=runtime)
     predictions = engine.predict(cfg.data, cfg.output)

@@ -64,16 +64,23 @@ class ConsoleProgress(ProgressListener):
         bar = None
         if self.console.is_terminal:
             if self.bars is None:
-                columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+                columns = (
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("{task.fields[detail]}"),
+                )
                 self.bars = Progress(*columns, console=self.console)
                 self.bars.start()
-            bar = self.bars.add_task(name, total=total)
+            bar = self.bars.add_task(name, total=total, detail="")
         self.tasks[name] = _TaskState(bar, total)
 
     def task_advanced(self, name: str, completed: int, detail: str = "") -> None:
         task = self.tasks[name]
         if self.bars is not None and task.bar is not None:
-            self.bars.update(task.bar, completed=completed)
+            # The last finished tile, and how many are running or were retried.
+            self.bars.update(task.bar, completed=completed, detail=detail)
         elif not detail:
             # Steps done before any work (verified tiles of a resumed run) do not count towards the ETA.
             task.skipped = completed
