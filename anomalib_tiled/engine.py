@@ -26,6 +26,7 @@ from typing import Any
 from anomalib_tiled.configfile import object_spec
 from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.evaluation import evaluate, resolve_test_split
+from anomalib_tiled.export import export_run
 from anomalib_tiled.inference import SplitPredictor, predict_images
 from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import Prediction
@@ -271,6 +272,10 @@ class TiledEnsembleEngine:
         with RunLog(run.log_path):
             out = Path(output) if output is not None else run.new_output_dir("predict")
             return predict_images(predictor, data_path, out, self.progress)
+
+    def export(self, export_format: str = "openvino", **options: Any) -> Path:
+        """Export the trained run as one deployable artifact (options: :func:`~anomalib_tiled.export.export_run`)."""
+        return export_run(self.run, export_format, settings=self.settings, progress=self.progress, **options)
 
     def _predictor(self, datamodule: Any) -> SplitPredictor:
         """Tile inference of the trained run, after checking the settings against this machine."""

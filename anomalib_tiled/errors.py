@@ -27,6 +27,10 @@ class RunDirectoryError(TiledEnsembleError):
     """A run directory is missing, incomplete or corrupt."""
 
 
+class ExportError(TiledEnsembleError):
+    """A run cannot be exported, or an exported artifact cannot be run."""
+
+
 class RunInterruptedError(TiledEnsembleError):
     """Training was interrupted; finished tiles are kept and the run can be resumed."""
 
