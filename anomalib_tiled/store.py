@@ -158,6 +158,7 @@ def tile_outputs(
     Args:
         anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` map, at any resolution.
         pred_score: ``(B,)`` scores, or None (then the maximum of each map).
+        tile_size: ``(tile_h, tile_w)`` of the tiles.
 
     Returns:
         ``(B, tile_h, tile_w)`` maps at the tile's resolution and ``(B,)`` scores.
