@@ -23,6 +23,7 @@ from typing import Any
 from anomalib_tiled.configfile import object_spec
 from anomalib_tiled.errors import RunDirectoryError
 from anomalib_tiled.evaluation import evaluate, resolve_test_split
+from anomalib_tiled.export import export_run
 from anomalib_tiled.inference import SplitPredictor, predict_images
 from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import Prediction
@@ -206,12 +207,9 @@ class TiledEnsembleEngine:
     def test(self, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate the trained ensemble on a test split; returns ``[{metric name: value}]`` like ``Engine.test``.
 
-        Stored tile predictions of the split are reused, missing ones predicted. Results go to a new
-        ``eval/vN`` folder: ``metrics.json``/``.csv``, ``predictions.csv``, ``images/``, ``report.html``.
-
-        Args:
-            datamodule: Data module whose test split is evaluated; defaults to the one used by
-                :meth:`fit`, else the run's recorded test split.
+        ``datamodule`` defaults to the one of :meth:`fit`, else the run's recorded test split. Stored tile
+        predictions are reused, missing ones predicted. Results go to a new ``eval/vN`` folder:
+        ``metrics.json``/``.csv``, ``predictions.csv``, ``images/``, ``report.html``.
         """
         datamodule = datamodule or self.datamodule
         predictor = self._predictor(datamodule)
@@ -240,6 +238,10 @@ class TiledEnsembleEngine:
         with RunLog(predictor.context.run.log_path):
             out = Path(output) if output is not None else predictor.context.run.new_output_dir("predict")
             return predict_images(predictor, data_path, out, self.progress)
+
+    def export(self, export_format: str = "openvino", **options: Any) -> Path:
+        """Export the trained run as one deployable artifact (options: :func:`~anomalib_tiled.export.export_run`)."""
+        return export_run(self.run, export_format, settings=self.settings, progress=self.progress, **options)
 
     def _predictor(self, datamodule: Any) -> SplitPredictor:
         if self.run is None or self.trained is None:

@@ -31,6 +31,10 @@ class TileJobError(TiledEnsembleError):
     """A tile job raised or its worker kept dying; the message names the tile and the cause."""
 
 
+class ExportError(TiledEnsembleError):
+    """A run cannot be exported, or an exported artifact cannot be run."""
+
+
 class RunInterruptedError(TiledEnsembleError):
     """Training was interrupted; finished tiles are kept and the run can be resumed."""
 

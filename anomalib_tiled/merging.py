@@ -172,14 +172,32 @@ def merged_batches(
         chunk = indices[start : start + MERGE_BATCH]
         raw = [reader.read(i) for i in chunk]
         tiles = TilePredictions(torch.stack([m for m, _ in raw]), torch.stack([s for _, s in raw]))
-        if calibration is not None:
-            tiles = calibration.apply_to_tiles(tiles)
-        batch = merger.merge(tiles, [record.image_paths[i] for i in chunk])
-        if calibration is not None:
-            calibration.apply_to_images(batch)
+        batch = merge_calibrated(tiles, merger, calibration, [record.image_paths[i] for i in chunk])
         labels = torch.tensor([record.labels[i] for i in chunk])
         if bool((labels >= 0).all()):
             batch.gt_label = labels.bool()
             if masks is not None:
                 batch.gt_mask = torch.from_numpy(masks.read(chunk[0], len(chunk)).copy()).bool()
         yield batch
+
+
+def merge_calibrated(
+    tiles: TilePredictions, merger: TileMerger, calibration: BatchCalibration | None, image_path: list[str]
+) -> MergedBatch:
+    """Tile-stage calibration, merge, image-stage calibration: all of the post-processing of a batch.
+
+    Tensor operations only: exported ensembles (:mod:`anomalib_tiled.export`) trace this function,
+    so they post-process exactly as ``eval`` and ``predict`` do.
+
+    Args:
+        tiles: Raw predictions of every tile of a batch of images.
+        merger: How tiles are merged.
+        calibration: Normalisation/thresholds to apply, or None for raw values.
+        image_path: Paths of the images (may be empty inside a graph).
+    """
+    if calibration is not None:
+        tiles = calibration.apply_to_tiles(tiles)
+    batch = merger.merge(tiles, image_path)
+    if calibration is not None:
+        calibration.apply_to_images(batch)
+    return batch

@@ -123,9 +123,17 @@ class ModelFactory:
             msg = f"TrainModels.model.init_args: {self.name} cannot be built with {self.init_args}: {detail}"
             raise ConfigError(msg) from None
 
-    def load(self, checkpoint: Path) -> AnomalibModule:
-        """A trained tile model from its checkpoint (``weights_only=True`` through anomalib's loader)."""
+    def load(self, checkpoint: Path, tile_size: Size) -> AnomalibModule:
+        """A trained tile model from its checkpoint (``weights_only=True`` through anomalib's loader).
+
+        Args:
+            checkpoint: The tile's checkpoint.
+            tile_size: ``(height, width)`` of the tiles: models whose layers depend on the input
+                size (FastFlow) are built for it, as they were for training.
+        """
         overrides: dict[str, Any] = {"post_processor": False, "evaluator": False, "visualizer": False}
+        if self.init_args.get("pre_processor", True) is True:
+            overrides["pre_processor"] = _tile_pre_processor(self.model_class, tile_size)
         # The checkpoint holds the weights: no need to fetch pretrained backbones again.
         if "pre_trained" in inspect.signature(self.model_class.__init__).parameters:
             overrides["pre_trained"] = False

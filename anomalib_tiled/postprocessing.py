@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -58,8 +59,13 @@ class Calibration:
         """Inverse of :meth:`to_dict`."""
         return cls(**{key: (NAN if v is None else v) for key, v in values.items()})
 
+    @cached_property
     def post_processor(self) -> PostProcessor:
-        """Anomalib ``PostProcessor`` holding these statistics."""
+        """Anomalib ``PostProcessor`` holding these statistics.
+
+        Built once, on first use (the statistics are final by then): merging reuses it batch after
+        batch, and an exported graph registers it so that the statistics become its buffers.
+        """
         processor = PostProcessor(enable_normalization=self.normalize)
         for name, value in (
             ("image_min", self.image_min),
@@ -75,11 +81,13 @@ class Calibration:
     def apply(self, batch: Any, *, threshold: bool) -> None:
         """Normalise ``batch.anomaly_map``/``pred_score`` in place and, if asked, set ``pred_mask``/``pred_label``.
 
+        Only tensor operations, so that exported graphs run this very code.
+
         Args:
             batch: Object with ``anomaly_map`` and ``pred_score`` (``MergedBatch``, tile batches).
             threshold: Whether to threshold too.
         """
-        processor = self.post_processor()
+        processor = self.post_processor
         if self.normalize:
             processor.normalize_batch(batch)
         if not threshold:
@@ -88,10 +96,8 @@ class Calibration:
             batch.pred_mask = batch.pred_label = None
             processor.threshold_batch(batch)
             return
-        image_threshold = float(processor.image_threshold)
-        pixel_threshold = float(processor.pixel_threshold)
-        batch.pred_label = batch.pred_score > image_threshold
-        batch.pred_mask = batch.anomaly_map > pixel_threshold
+        batch.pred_label = batch.pred_score > processor.image_threshold
+        batch.pred_mask = batch.anomaly_map > processor.pixel_threshold
 
 
 class CalibrationEstimator:

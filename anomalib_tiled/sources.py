@@ -7,6 +7,7 @@ import glob
 from pathlib import Path
 from typing import Any
 
+import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS  # the extensions anomalib accepts
 
 from anomalib_tiled.errors import DataError
@@ -64,6 +65,18 @@ class FileSource:
 
         path = self.image_paths[index]
         return ImageItem(image=read_image(path, as_tensor=True), image_path=path)
+
+
+def as_rgb(image: torch.Tensor) -> torch.Tensor:
+    """A ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)`` image as ``(3, H, W)``: tile models take three channels."""
+    if image.ndim == 2:
+        image = image[None]
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+def read_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as a ``(3, H, W)`` float tensor in [0, 1], decoded as ``predict`` decodes it."""
+    return as_rgb(FileSource([str(path)]).load(0).image)
 
 
 def collect_images(pattern: str | Path) -> list[str]:

@@ -31,7 +31,7 @@ from anomalib_tiled.errors import DataError
 from anomalib_tiled.npyfile import NpyFile
 from anomalib_tiled.progress import ProgressListener, Task
 from anomalib_tiled.run import RunDirectory, atomic_write_text
-from anomalib_tiled.sources import UNKNOWN_LABEL, DatasetSource, FileSource
+from anomalib_tiled.sources import UNKNOWN_LABEL, DatasetSource, FileSource, as_rgb
 from anomalib_tiled.tiling import Size
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,14 @@ class SplitRecord:
         atomic_write_text(self.directory / "index.json", json.dumps(index) + "\n")
 
 
+def pixel_levels(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] as the 8-bit levels of the image cache (as floats, 0 to 255).
+
+    Tile models see cached images; exported graphs quantise the same way, so both see the same pixels.
+    """
+    return (images.clamp(0, 1) * 255).round()
+
+
 class _Decoder:
     """Decode, check and resize one image of a source; runs in decoder threads."""
 
@@ -103,11 +111,7 @@ class _Decoder:
             item = self.source.load(index)
         except Exception as error:  # noqa: BLE001 - any decoder error becomes one clear line
             return {"index": index, "error": f"{self.source.image_paths[index]}: cannot read image or mask ({error})"}
-        image = item.image
-        if image.ndim == 2:
-            image = image[None]
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
+        image = as_rgb(item.image)
         label = UNKNOWN_LABEL if item.gt_label is None else int(item.gt_label)
         result: dict[str, Any] = {"index": index, "label": label, "source_size": tuple(image.shape[-2:])}
         if item.gt_mask is not None:
@@ -123,7 +127,7 @@ class _Decoder:
             resized_mask = TF.resize(Mask(mask[None].to(torch.uint8)), list(self.image_size))
             result["mask"] = (resized_mask[0] > 0).to(torch.uint8).numpy()
         resized = TF.resize(image.float(), list(self.image_size), antialias=True)
-        result["image"] = (resized.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        result["image"] = pixel_levels(resized).to(torch.uint8).permute(1, 2, 0).numpy()
         return result
 
 

@@ -120,12 +120,11 @@ class TileWriter:
         if anomaly_map is None:
             msg = f"{self.tile}: the model returned no anomaly_map; the tiled ensemble needs anomaly maps to merge"
             raise RuntimeError(msg)
-        maps = anomaly_map.detach().float().cpu()
-        if maps.ndim == 4:
-            maps = maps[:, 0]
-        if tuple(maps.shape[-2:]) != self.tile_size:
-            maps = F.interpolate(maps[:, None], size=self.tile_size, mode="bilinear", align_corners=False)[:, 0]
-        scores = maps.amax(dim=(-2, -1)) if pred_score is None else pred_score.detach().float().cpu().reshape(-1)
+        maps, scores = tile_outputs(
+            anomaly_map.detach().float().cpu(),
+            None if pred_score is None else pred_score.detach().float().cpu(),
+            self.tile_size,
+        )
         if self.cursor + len(maps) > self.count:
             msg = f"{self.tile}: received more predictions than the split's {self.count} images"
             raise RuntimeError(msg)
@@ -149,6 +148,26 @@ class TileWriter:
         os.replace(partial_scores, scores_path)
         info = {"fingerprint": fingerprint, "count": self.count, **self.range}
         atomic_write_text(self.store.file_path(self.tile, "json"), json.dumps(info) + "\n")
+
+
+def tile_outputs(
+    anomaly_map: torch.Tensor, pred_score: torch.Tensor | None, tile_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tile model's raw outputs as the ensemble merges them (exported graphs share this).
+
+    Args:
+        anomaly_map: ``(B, 1, h, w)`` or ``(B, h, w)`` map, at any resolution.
+        pred_score: ``(B,)`` scores, or None (then the maximum of each map).
+        tile_size: ``(tile_h, tile_w)`` of the tiles.
+
+    Returns:
+        ``(B, tile_h, tile_w)`` maps at the tile's resolution and ``(B,)`` scores.
+    """
+    maps = anomaly_map[:, 0] if anomaly_map.ndim == 4 else anomaly_map
+    if tuple(maps.shape[-2:]) != tuple(tile_size):
+        maps = F.interpolate(maps[:, None], size=tile_size, mode="bilinear", align_corners=False)[:, 0]
+    scores = maps.amax(dim=(-2, -1)) if pred_score is None else pred_score.reshape(-1)
+    return maps, scores
 
 
 class TilePredictionWriter(Callback):

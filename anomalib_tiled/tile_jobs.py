@@ -147,7 +147,8 @@ class PredictTileJob(TileJobBase):
     def run(self) -> TileResult:
         """Load the verified checkpoint and store the tile's predictions."""
         started = time.perf_counter()
-        model = self.context.factory.load(self.context.run.verify_checkpoint(self.position.name))
+        checkpoint = self.context.run.verify_checkpoint(self.position.name)
+        model = self.context.factory.load(checkpoint, (self.position.height, self.position.width))
         predict_tile(self.context, model, self.position, self.split)
         return TileResult(self.name, time.perf_counter() - started)
 

@@ -10,6 +10,7 @@ out of distribution for the tile models and show up as false anomalies.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -252,7 +253,9 @@ class TileGrid:
             raise ValueError(msg)
 
 
+@functools.cache
 def _window(tile_size: Size, blending: Blending) -> torch.Tensor:
+    # Cached like the weight sums, so that exported graphs hold the window as a constant.
     if blending == Blending.MEAN:
         return torch.ones(tile_size)
     axes = []

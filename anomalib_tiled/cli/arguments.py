@@ -1,8 +1,8 @@
-"""Parsers of ``anomalib tiled train | eval | predict | report``.
+"""Parsers of ``anomalib tiled train | eval | predict | export | report``.
 
 ``train`` reads a config file and command-line overrides; ``eval`` and ``train --resume`` start
-from the run's own ``config.yaml`` and apply overrides on top; ``predict`` and ``report`` take only
-a few options. Errors raise :class:`~anomalib_tiled.errors.ConfigError` with one line instead of
+from the run's own ``config.yaml`` and apply overrides on top; ``predict``, ``export`` and ``report``
+take only a few options. Errors raise :class:`~anomalib_tiled.errors.ConfigError` with one line instead of
 exiting.
 """
 
@@ -36,6 +36,8 @@ def build_parser(command: str) -> ArgumentParser:
     )
     if command == "predict":
         _add_predict_arguments(parser)
+    elif command == "export":
+        _add_export_arguments(parser)
     elif command == "report":
         parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
         parser.add_argument("--eval", type=str | None, default=None, help="Evaluation folder (default: the latest).")
@@ -51,16 +53,38 @@ def build_parser(command: str) -> ArgumentParser:
 
 
 def _add_predict_arguments(parser: ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
+    # Exactly one of --root and --model (checked by the command: one clear line instead of a usage dump).
+    parser.add_argument("--root", type=Path | None, default=None, help=ROOT_HELP)
+    parser.add_argument("--model", type=Path | None, default=None, help="Artifact folder of 'anomalib tiled export'.")
     parser.add_argument("--data", type=str, required=True, help="Folder, image file or glob of images to predict.")
-    parser.add_argument("--output", type=Path | None, default=None, help="Output folder (default: <root>/predict/vN).")
+    parser.add_argument(
+        "--output", type=Path | None, default=None, help="Output folder (default: predict/vN in the run or artifact)."
+    )
     # Unset options keep the run's own settings.
-    parser.add_argument("--accelerator", type=str | None, default=None, help="Device: auto, cpu, gpu or mps.")
-    parser.add_argument("--devices", type=int | str | list[int] | None, default=None, help="1/auto or [index].")
+    parser.add_argument("--accelerator", type=str | None, default=None, help="With --root: auto, cpu, gpu or mps.")
+    parser.add_argument(
+        "--devices", type=int | str | list[int] | None, default=None, help="With --root: 1/auto or [index]."
+    )
+    parser.add_argument("--device", type=str, default="CPU", help="With --model: CPU, GPU, or an OpenVINO device.")
     parser.add_argument("--visualization.save", type=bool | None, default=None, help="Write result pictures.")
     parser.add_argument("--visualization.max_side", type=int | None, default=None, help="Longest picture side.")
     parser.add_argument("--visualization.grid", type=bool | None, default=None, help="Draw the tile grid.")
     add_execution_arguments(parser)
+
+
+def _add_export_arguments(parser: ArgumentParser) -> None:
+    parser.add_argument("--root", type=Path, required=True, help=ROOT_HELP)
+    parser.add_argument("--format", type=str, default="openvino", help="torch, onnx or openvino.")
+    parser.add_argument(
+        "--compression", type=str, default="none", help="none; with openvino also fp16, int8 or int8_ptq."
+    )
+    parser.add_argument("--output", type=Path | None, default=None, help="Artifact folder (default: <root>/export/vN).")
+    parser.add_argument(
+        "--data",
+        type=str | None,
+        default=None,
+        help="int8_ptq calibration images (default: the run's validation images).",
+    )
 
 
 def parse_args(command: str, args: list[str]) -> Namespace:

@@ -61,11 +61,20 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
 
 
 def predict(options: list[str], progress: ConsoleProgress) -> int:
-    """``anomalib tiled predict``: apply a run to unlabeled images."""
+    """``anomalib tiled predict``: apply a run (``--root``) or an exported one (``--model``) to unlabeled images."""
     cfg = _parse("predict", options)
+    changes = {key: value for key, value in vars(cfg.visualization).items() if value is not None}
+    if (cfg.root is None) == (cfg.model is None):
+        msg = "predict: give either --root RUN (the trained run) or --model ARTIFACT (an exported one), not both"
+        raise ConfigError(msg)
+    if cfg.model is not None:
+        from anomalib_tiled.deploy.inferencer import TiledInferencer  # noqa: PLC0415 - runtimes load on use
+        from anomalib_tiled.deploy.predict import predict_with_artifact  # noqa: PLC0415
+
+        predict_with_artifact(TiledInferencer(cfg.model, cfg.device), cfg.data, cfg.output, progress, changes)
+        return 0
     engine = TiledEnsembleEngine.from_run(cfg.root, progress=progress)
     trained = engine.settings
-    changes = {key: value for key, value in vars(cfg.visualization).items() if value is not None}
     post = dataclasses.replace(
         trained.postprocessing, visualization=dataclasses.replace(trained.postprocessing.visualization, **changes)
     )
@@ -98,7 +107,24 @@ def report(options: list[str], progress: ConsoleProgress) -> int:
     return 0
 
 
-COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "report": report}
+def export(options: list[str], progress: ConsoleProgress) -> int:
+    """``anomalib tiled export``: one deployable artifact of a trained run; prints its folder."""
+    cfg = _parse("export", options)
+    from anomalib_tiled.export import export_run  # noqa: PLC0415 - exporters load on use
+
+    directory = export_run(
+        cfg.root,
+        cfg.format,
+        compression=cfg.compression,
+        output=cfg.output,
+        calibration_data=cfg.data,
+        progress=progress,
+    )
+    sys.stdout.write(f"{directory}\n")
+    return 0
+
+
+COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "report": report, "export": export}
 
 
 def _parse(command: str, options: list[str]) -> Namespace:
