@@ -91,7 +91,7 @@ def _open_run(
     run = RunDirectory.open(root.root if isinstance(root, RunDirectory) else root)
     trained = read_run_config(run)
     if settings is not None:
-        check_frozen(trained, settings, None, "export")
+        check_frozen(trained, settings)
     factory = ModelFactory.from_spec(trained.model_spec)
     check_exportable(factory.model_class)
     return run, settings or trained.settings, factory
