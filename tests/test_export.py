@@ -107,6 +107,7 @@ def padim(trained_run: Path, unseen: Path, tmp_path_factory: pytest.TempPathFact
     yield export_all(trained_run, work), reference, work / "predict"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("export_format", FORMATS)
 def test_every_backend_matches_run_based_predict(padim: tuple, export_format: str) -> None:
     artifacts, reference, _ = padim
@@ -115,6 +116,7 @@ def test_every_backend_matches_run_based_predict(padim: tuple, export_format: st
     assert_parity(artifacts[export_format], reference)
 
 
+@pytest.mark.slow
 def test_cli_predict_with_an_artifact_writes_what_run_based_predict_writes(padim: tuple, unseen: Path) -> None:
     artifacts, reference, run_output = padim
     output = artifacts["onnx"].parent / "artifact_predict"
@@ -131,6 +133,7 @@ def test_cli_predict_with_an_artifact_writes_what_run_based_predict_writes(padim
         assert Image.open(output / got["result_image"]).size == Image.open(run_output / want["result_image"]).size
 
 
+@pytest.mark.slow
 def test_inferencer_takes_any_input_form_and_answers_at_the_input_resolution(padim: tuple, tmp_path: Path) -> None:
     artifacts, reference, _ = padim
     inferencer = TiledInferencer(artifacts["openvino"])
@@ -171,6 +174,7 @@ def test_large_onnx_artifacts_keep_their_weights_outside_the_protobuf(
     assert save_onnx.__doc__ and "model.onnx.data" in save_onnx.__doc__
 
 
+@pytest.mark.slow
 def test_export_and_predict_errors_are_one_line(trained_run: Path, capsys: pytest.CaptureFixture) -> None:
     from anomalib.models import VlmAd
 
