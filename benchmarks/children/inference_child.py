@@ -88,6 +88,8 @@ def measure_run(target: Path, images: list[Path], repeats: int) -> dict[str, flo
 
 def export_floor(target: Path, output: Path) -> dict[str, float]:
     """The OpenVINO export anomalib itself makes (``to_openvino``) of the run's first tile model, at the tile size."""
+    import openvino as ov  # noqa: PLC0415
+
     from anomalib_tiled.models import ModelFactory  # noqa: PLC0415
     from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
     from anomalib_tiled.runconfig import read_run_config  # noqa: PLC0415
@@ -97,9 +99,10 @@ def export_floor(target: Path, output: Path) -> dict[str, float]:
     position = config.settings.grid.positions[0]
     tile = (position.height, position.width)
     model = ModelFactory.from_spec(config.model_spec).load(run.verify_checkpoint(position.name), tile).eval()
-    try:
-        path = model.to_openvino(output, input_size=tile)
-    except Exception:  # noqa: BLE001 - PatchCore branches on the batch size: export it for batches of one
+    path = model.to_openvino(output, input_size=tile)
+    # anomalib traces with a batch of 2 so that dynamo keeps the batch symbolic; a model that branches
+    # on the batch size (PatchCore) comes out fixed to batches of 2 instead: export it for batches of one.
+    if ov.Core().read_model(path).input(0).get_partial_shape()[0].is_static:
         path = model.to_openvino(output, input_size=tile, onnx_kwargs={"dynamic_axes": {}})
     return {"tiles": len(config.settings.grid), "tile_height": tile[0], "tile_width": tile[1], "model": str(path)}
 
