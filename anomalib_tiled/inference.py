@@ -74,8 +74,7 @@ class SplitPredictor:
         """
         check_settings(settings)
         factory = ModelFactory.from_spec(trained.model_spec)
-        data_args = (trained.data_spec or {}).get("init_args") or {}
-        batch = getattr(datamodule, "eval_batch_size", None) or data_args.get("eval_batch_size") or 32
+        batch = getattr(datamodule, "eval_batch_size", None) or trained.eval_batch_size
         context = TileContext(run, factory, settings.training, settings.runtime)
         return cls(context, trained, settings, listener, int(batch))
 

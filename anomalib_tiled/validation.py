@@ -19,7 +19,14 @@ from anomalib_tiled.errors import ConfigError, DataError, RunDirectoryError, did
 from anomalib_tiled.metrics import build_metric
 from anomalib_tiled.placement import available_cores, plan_slots
 from anomalib_tiled.ray_runner import import_ray
-from anomalib_tiled.settings import AUTO, EnsembleSettings, MetricsConfig, PostProcessingSettings, RuntimeSettings
+from anomalib_tiled.settings import (
+    AUTO,
+    EnsembleSettings,
+    MetricsConfig,
+    PostProcessingSettings,
+    RuntimeSettings,
+    check_choice,
+)
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -40,10 +47,7 @@ def check_runtime(runtime: RuntimeSettings) -> None:
     import torch  # noqa: PLC0415 - torch loads only when work is about to start
 
     accelerator = runtime.accelerator
-    if accelerator not in ACCELERATORS:
-        suggestion = did_you_mean(accelerator, ACCELERATORS)
-        msg = f"accelerator: unknown value {accelerator!r}{suggestion}; use one of {list(ACCELERATORS)}"
-        raise ConfigError(msg)
+    check_choice(accelerator, ACCELERATORS, "accelerator")
     if accelerator in {"gpu", "cuda"} and not torch.cuda.is_available() and not _on_cluster(runtime):
         msg = (
             f"accelerator: '{accelerator}' requested but no CUDA GPU is available on this machine "
