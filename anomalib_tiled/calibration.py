@@ -1,8 +1,11 @@
 """Calibrated merge: the normalisation and threshold policy of every stage combination, as one object.
 
-Normalisation happens per tile model (``tile``), on merged images (``image``) or not at all; thresholds
-are learned per tile model or on merged images. :class:`Calibrator` learns the statistics a
-combination needs from the validation split's stored predictions (``stats.json``), and
+Tile predictions are first put on a common scale of normal variation when ``merge.calibration``
+asks for it (:mod:`anomalib_tiled.tile_scaling`, learned from the held-out ``calibration`` split of
+normal training images). Normalisation then happens per tile model (``tile``), on merged images
+(``image``) or not at all; thresholds are learned per tile model or on merged images.
+:class:`Calibrator` learns the statistics a combination needs from the stored predictions
+(``stats.json``), and
 :class:`Calibrations` applies them while tiles are merged (see
 :func:`~anomalib_tiled.merging.merged_batches`). The primitives (anomalib's ``MinMax``, threshold
 metrics and ``PostProcessor``) are in :mod:`anomalib_tiled.postprocessing`.
@@ -26,14 +29,18 @@ from anomalib_tiled.settings import NormalizationStage, PostProcessingSettings, 
 from anomalib_tiled.smoothing import SeamSmoother
 from anomalib_tiled.splits import SplitRecord
 from anomalib_tiled.store import PredictionStore
+from anomalib_tiled.tile_scaling import NormalScale, NormalScaleEstimator, TileScales, TileScaling
 from anomalib_tiled.tiling import TileGrid, TilePosition
+
+NormalSplit = tuple[SplitRecord, PredictionStore]
+"""The held-out normal images of a run and their stored predictions."""
 
 
 def build_merger(grid: TileGrid, post: PostProcessingSettings) -> TileMerger:
     """The merger of the settings: blending, pooling and (if on) seam smoothing."""
     smoothing = post.seam_smoothing
     smoother = SeamSmoother(grid, smoothing.sigma, smoothing.width) if smoothing.apply else None
-    return TileMerger(grid, post.merge.blending, post.merge.image_score, smoother)
+    return TileMerger(grid, post.merge.blending, post.merge.image_score, smoother, post.merge.top_k)
 
 
 @dataclass
@@ -44,21 +51,26 @@ class Calibrations:
         tiles: One calibration per tile position (tile-stage normalisation or thresholds), or None.
         image: Calibration of merged images, or None.
         post: The settings they were learned for.
+        scales: Per-position scaling onto normal variation (``merge.calibration``), or None.
     """
 
     tiles: list[Calibration] | None
     image: Calibration | None
     post: PostProcessingSettings
+    scales: TileScales | None = None
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any], post: PostProcessingSettings) -> Calibrations:
         """Calibrations from a ``stats.json`` dict."""
         tiles = [Calibration.from_dict(values) for values in stats["tile"]] if stats.get("tile") else None
         image = Calibration.from_dict(stats["image"]) if stats.get("image") else None
-        return cls(tiles, image, post)
+        scales = TileScales([NormalScale(**values) for values in stats["normal"]]) if stats.get("normal") else None
+        return cls(tiles, image, post, scales)
 
     def apply_to_tiles(self, tiles: TilePredictions) -> TilePredictions:
-        """Tile-stage normalisation (and thresholds) of a batch of tile predictions."""
+        """Scaling onto normal variation, then tile-stage normalisation (and thresholds) of tile predictions."""
+        if self.scales is not None:
+            tiles = TilePredictions(*self.scales(tiles.maps, tiles.scores))
         if self.tiles is None:
             return tiles
         threshold = self.post.thresholding.stage == ThresholdStage.TILE
@@ -85,7 +97,14 @@ class Calibrations:
 
     def pixel_range(self, store: PredictionStore, grid: TileGrid) -> tuple[float, float]:
         """Range of the merged map values of a split (binned pixel metrics span it)."""
-        return (0.0, 1.0) if self.normalized else store.value_range([p.name for p in grid])
+        return (0.0, 1.0) if self.normalized else map_range(store, grid, self.scales)
+
+
+def map_range(store: PredictionStore, grid: TileGrid, scales: TileScales | None) -> tuple[float, float]:
+    """Range of a split's tile map values after scaling (merged values stay inside it)."""
+    if scales is None:
+        return store.value_range([p.name for p in grid])
+    return scales.value_range([store.value_range([p.name]) for p in grid])
 
 
 class Calibrator:
@@ -114,26 +133,40 @@ class Calibrator:
             sort_keys=True,
         )
 
-    def learn(self, record: SplitRecord | None, store: PredictionStore | None) -> dict[str, Any]:
+    def learn(
+        self,
+        record: SplitRecord | None,
+        store: PredictionStore | None,
+        normal: NormalSplit | None = None,
+        seed: int = 0,
+    ) -> dict[str, Any]:
         """Statistics learned from validation predictions (``record`` None: only a fixed threshold).
 
-        Configuration checks guarantee that without a validation split nothing else is asked for.
+        Configuration checks guarantee that without a validation split nothing else is asked for, and
+        that ``normal`` (the held-out calibration split) exists when ``merge.calibration`` needs it.
+        ``seed`` fixes the pixel subsample of quantile scaling.
         """
         post = self.post
         tile_stage = post.thresholding.stage == ThresholdStage.TILE
         stats: dict[str, Any] = {
             "key": self.key,
             "split": None if record is None else record.fingerprint,
+            "normal": None,
             "tile": None,
             "image": None,
         }
+        scales = None
+        if post.merge.calibration != TileScaling.NONE:
+            assert normal is not None, "check_tile_scaling guarantees a calibration split"
+            stats["normal"] = [self._learn_scale(position, *normal, seed).to_dict() for position in self.grid]
+            scales = Calibrations.from_stats(stats, post).scales
         if post.normalization_stage == NormalizationStage.TILE or tile_stage:
-            stats["tile"] = [self._learn_tile(position, record, store).to_dict() for position in self.grid]
+            stats["tile"] = [self._learn_tile(position, record, store, scales).to_dict() for position in self.grid]
         image_norm = post.normalization_stage == NormalizationStage.IMAGE
         if image_norm or not tile_stage:
             pixel_range = (0.0, 1.0)
             if store is not None and post.normalization_stage != NormalizationStage.TILE:
-                pixel_range = store.value_range([p.name for p in self.grid])
+                pixel_range = map_range(store, self.grid, scales)
             estimator = CalibrationEstimator(None if tile_stage else post.thresholding.method, image_norm, pixel_range)
             if record is not None and store is not None:
                 reader = store.reader([p.name for p in self.grid])
@@ -143,34 +176,59 @@ class Calibrator:
             stats["image"] = estimator.compute().to_dict()
         return stats
 
+    def _learn_scale(
+        self, position: TilePosition, record: SplitRecord, store: PredictionStore, seed: int
+    ) -> NormalScale:
+        estimator = NormalScaleEstimator(self.post.merge.calibration, len(record), seed + position.index)
+        for batch in _tile_batches(store, record, position):
+            estimator.update(batch.anomaly_map, batch.pred_score)
+        return estimator.compute()
+
     def _learn_tile(
-        self, position: TilePosition, record: SplitRecord | None, store: PredictionStore | None
+        self,
+        position: TilePosition,
+        record: SplitRecord | None,
+        store: PredictionStore | None,
+        scales: TileScales | None,
     ) -> Calibration:
         tile_stage = self.post.thresholding.stage == ThresholdStage.TILE
+        scale = scales.scales[position.index] if scales is not None else None
+        value_range = (0.0, 1.0)
+        if store is not None:
+            value_range = store.value_range([position.name])
+            value_range = scale.value_range(*value_range) if scale is not None else value_range
         estimator = CalibrationEstimator(
             self.post.thresholding.method if tile_stage else None,
             self.post.normalization_stage == NormalizationStage.TILE,
-            store.value_range([position.name]) if store is not None else (0.0, 1.0),
+            value_range,
         )
         if store is not None and record is not None:
-            for batch in _tile_batches(store, record, position):
+            for batch in _tile_batches(store, record, position, scale):
                 estimator.update(batch)
         return estimator.compute()
 
     def reuse_or_learn(
-        self, saved: dict[str, Any], record: SplitRecord | None, store: PredictionStore | None, output: Path | None
+        self,
+        saved: dict[str, Any],
+        record: SplitRecord | None,
+        store: PredictionStore | None,
+        output: Path | None,
+        normal: NormalSplit | None = None,
+        seed: int = 0,
     ) -> Calibrations:
         """The run's saved statistics when they fit these settings, else learned again (and saved in ``output``)."""
         if saved.get("key") == self.key and saved.get("split") == (record and record.fingerprint):
             return Calibrations.from_stats(saved, self.post)
-        stats = self.learn(record, store)
+        stats = self.learn(record, store, normal, seed)
         if output is not None:
             atomic_write_text(output / "stats.json", json.dumps(stats, indent=2) + "\n")
         return Calibrations.from_stats(stats, self.post)
 
 
-def _tile_batches(store: PredictionStore, record: SplitRecord, position: TilePosition) -> Iterator[MergedBatch]:
-    """Validation predictions of one tile position with the tile's ground truth."""
+def _tile_batches(
+    store: PredictionStore, record: SplitRecord, position: TilePosition, scale: NormalScale | None = None
+) -> Iterator[MergedBatch]:
+    """Stored predictions of one tile position (scaled, if given) with the tile's ground truth."""
     maps = store.maps(position.name)
     scores = torch.from_numpy(store.scores(position.name))
     masks = record.masks
@@ -185,8 +243,8 @@ def _tile_batches(store: PredictionStore, record: SplitRecord, position: TilePos
             labels = gt_mask.flatten(1).any(dim=1).long()
         yield MergedBatch(
             image_path=record.image_paths[start : start + count],
-            anomaly_map=torch.from_numpy(maps.read(start, count).copy()),
-            pred_score=scores[start : start + count],
+            anomaly_map=NormalScale.maps_of(scale, torch.from_numpy(maps.read(start, count).copy())),
+            pred_score=NormalScale.scores_of(scale, scores[start : start + count]),
             gt_mask=gt_mask,
             gt_label=labels.bool() if bool((labels >= 0).all()) else None,
         )

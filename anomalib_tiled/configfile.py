@@ -46,7 +46,6 @@ def add_settings_arguments(parser: ArgumentParser, *, require_data: bool) -> Non
         require_data: Whether ``data`` and ``TrainModels.model`` are required (``train``).
     """
     from anomalib.data import AnomalibDataModule  # noqa: PLC0415 - anomalib loads torch; help stays fast
-    from anomalib.models import AnomalibModule  # noqa: PLC0415
 
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (YAML).")
     parser.add_argument("--seed", type=int, default=42, help="Seed for data splits, sampling and model init.")
@@ -73,11 +72,19 @@ def add_settings_arguments(parser: ArgumentParser, *, require_data: bool) -> Non
         help="anomalib data module: class_path (MVTecAD, Folder, Visa...) and init_args.",
     )
     parser.add_dataclass_arguments(SeamSmoothingConfig, "SeamSmoothing")
+    _add_train_models_arguments(parser, require_model=require_data)
+    parser.add_dataclass_arguments(MergeConfig, "merge")
+    parser.add_dataclass_arguments(VisualizationConfig, "visualization")
+
+
+def _add_train_models_arguments(parser: ArgumentParser, *, require_model: bool) -> None:
+    from anomalib.models import AnomalibModule  # noqa: PLC0415 - anomalib loads torch; help stays fast
+
     parser.add_subclass_arguments(
         AnomalibModule,
         "TrainModels.model",
         instantiate=False,
-        required=require_data,
+        required=require_model,
         fail_untyped=False,
         help="anomalib model trained on every tile: class_path (Padim, Patchcore, Fastflow...) and init_args.",
     )
@@ -88,8 +95,12 @@ def add_settings_arguments(parser: ArgumentParser, *, require_data: bool) -> Non
         default={},
         help="Lightning Trainer arguments for every tile model (max_epochs, callbacks, logger...).",
     )
-    parser.add_dataclass_arguments(MergeConfig, "merge")
-    parser.add_dataclass_arguments(VisualizationConfig, "visualization")
+    parser.add_argument(
+        "--TrainModels.calibration_share",
+        type=float,
+        default=0.0,
+        help="Fraction of training images held out of fitting to calibrate tile scales (merge.calibration).",
+    )
 
 
 def _add_runtime_arguments(parser: ArgumentParser) -> None:
@@ -136,7 +147,12 @@ def settings_from_namespace(cfg: Namespace) -> EnsembleSettings:
     if cfg.get("thresholding_stage") is not None:
         thresholding["stage"] = cfg.thresholding_stage
     return EnsembleSettings(
-        training=TrainingSettings(grid=_grid(cfg.tiling), seed=cfg.seed, trainer=plain(cfg.TrainModels.trainer) or {}),
+        training=TrainingSettings(
+            grid=_grid(cfg.tiling),
+            seed=cfg.seed,
+            trainer=plain(cfg.TrainModels.trainer) or {},
+            calibration_share=cfg.TrainModels.calibration_share,
+        ),
         postprocessing=PostProcessingSettings(
             normalization_stage=cfg.normalization_stage,
             thresholding=ThresholdingConfig(**thresholding),
@@ -223,6 +239,7 @@ def settings_to_config(settings: EnsembleSettings, model_spec: dict | None, data
             "model": model_spec,
             "metrics": as_yaml_value(asdict(post.metrics)),
             "trainer": _trainer_spec(settings.training.trainer),
+            "calibration_share": settings.training.calibration_share,
         },
         "merge": as_yaml_value(asdict(post.merge)),
         "visualization": asdict(post.visualization),

@@ -32,7 +32,7 @@ from anomalib_tiled.store import run_store
 from anomalib_tiled.tile_jobs import TileContext, TileSplit
 from anomalib_tiled.tile_loop import TileLoop
 from anomalib_tiled.tiling import TilePosition
-from anomalib_tiled.validation import check_calibration_source, check_settings
+from anomalib_tiled.validation import check_calibration_source, check_settings, check_tile_scaling
 
 
 class SplitPredictor:
@@ -114,14 +114,19 @@ def calibrations_for(run: RunDirectory, settings: EnsembleSettings, output: Path
     Statistics learned again (post-processing settings changed) are saved in ``output``, never in the run.
 
     Raises:
-        ConfigError: If they must be learned but the run has no validation split.
+        ConfigError: If they must be learned but the run has no validation (or calibration) split.
     """
-    has_val = "val" in run.manifest().get("splits", {})
-    check_calibration_source(settings.postprocessing, has_validation=has_val)
-    record = SplitRecord.load(run.split_dir("val")) if has_val else None
+    splits = run.manifest().get("splits", {})
+    check_calibration_source(settings.postprocessing, has_validation="val" in splits)
+    check_tile_scaling(settings.postprocessing, has_calibration="calibration" in splits)
+    record = SplitRecord.load(run.split_dir("val")) if "val" in splits else None
     saved = json.loads(run.stats_path.read_text(encoding="utf-8"))
     store = run_store(run, record.fingerprint) if record is not None else None
-    return Calibrator(settings.grid, settings.postprocessing).reuse_or_learn(saved, record, store, output)
+    normal = None
+    if "calibration" in splits:
+        normal = (SplitRecord.load(run.split_dir("calibration")), run_store(run, splits["calibration"]))
+    calibrator = Calibrator(settings.grid, settings.postprocessing)
+    return calibrator.reuse_or_learn(saved, record, store, output, normal, settings.training.seed)
 
 
 def write_merged(

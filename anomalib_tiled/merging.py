@@ -1,7 +1,9 @@
 """Merge: full-resolution predictions from tile predictions.
 
 Anomaly maps are blended with the grid's window weights (uniform mean by default), optionally
-seam-smoothed, and the image score is pooled from the result by one of :data:`POOLINGS`.
+seam-smoothed, and the image score is pooled from the result by one of :data:`POOLINGS`. Tile
+predictions may first be put on a common scale (:mod:`anomalib_tiled.tile_scaling`), which the
+calibration applies before merging.
 Thresholded tile predictions (tile-stage thresholding) are merged consistently: a pixel is anomalous
 when the blended vote of the tiles covering it reaches one half, and an image is anomalous when any
 of its tiles is.
@@ -34,6 +36,7 @@ class ImageScore(str, Enum):
     """How the image anomaly score is pooled from tile predictions."""
 
     MAX_MAP = "max_map"
+    TOPK_MAP = "topk_map"
     MEAN_TILES = "mean_tiles"
     MAX_TILES = "max_tiles"
 
@@ -73,30 +76,39 @@ class MergedBatch:
     tile_scores: torch.Tensor | None = None
 
 
-Pooling = Callable[[torch.Tensor, TilePredictions], torch.Tensor]
+Pooling = Callable[[torch.Tensor, TilePredictions, float], torch.Tensor]
 
 
-def _max_of_map(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
-    del tiles
+def _max_of_map(anomaly_map: torch.Tensor, tiles: TilePredictions, top_k: float) -> torch.Tensor:
+    del tiles, top_k
     return anomaly_map.amax(dim=(-2, -1))
 
 
-def _mean_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
-    del anomaly_map
+def _top_k_of_map(anomaly_map: torch.Tensor, tiles: TilePredictions, top_k: float) -> torch.Tensor:
+    # The mean of the highest pixels: as sensitive as the maximum to a small defect, less to one noisy pixel.
+    del tiles
+    pixels = anomaly_map.flatten(-2)
+    count = max(1, round(top_k * pixels.shape[-1]))
+    return pixels.topk(count, dim=-1).values.mean(dim=-1)
+
+
+def _mean_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions, top_k: float) -> torch.Tensor:
+    del anomaly_map, top_k
     return tiles.scores.mean(dim=-1)
 
 
-def _max_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions) -> torch.Tensor:
-    del anomaly_map
+def _max_of_tiles(anomaly_map: torch.Tensor, tiles: TilePredictions, top_k: float) -> torch.Tensor:
+    del anomaly_map, top_k
     return tiles.scores.amax(dim=-1)
 
 
 POOLINGS: dict[ImageScore, Pooling] = {
     ImageScore.MAX_MAP: _max_of_map,
+    ImageScore.TOPK_MAP: _top_k_of_map,
     ImageScore.MEAN_TILES: _mean_of_tiles,
     ImageScore.MAX_TILES: _max_of_tiles,
 }
-"""Image-score pooling strategies by name: ``(merged maps, tile predictions) -> (B,)`` scores."""
+"""Image-score pooling strategies by name: ``(merged maps, tile predictions, top_k) -> (B,)`` scores."""
 
 
 class TileMerger:
@@ -107,6 +119,7 @@ class TileMerger:
         blending: Weighting of overlapping tiles.
         image_score: How the image score is pooled.
         smoother: Seam smoother applied to merged maps, or None.
+        top_k: Fraction of the merged map's pixels ``topk_map`` averages.
     """
 
     def __init__(
@@ -115,11 +128,13 @@ class TileMerger:
         blending: Blending = Blending.MEAN,
         image_score: ImageScore = ImageScore.MAX_MAP,
         smoother: SeamSmoother | None = None,
+        top_k: float = 0.01,
     ) -> None:
         self.grid = grid
         self.blending = Blending(blending)
         self.pooling = POOLINGS[ImageScore(image_score)]
         self.smoother = smoother
+        self.top_k = top_k
 
     def merge(self, tiles: TilePredictions, image_path: list[str]) -> MergedBatch:
         """Merge a batch of tile predictions."""
@@ -133,7 +148,7 @@ class TileMerger:
         return MergedBatch(
             image_path,
             anomaly_map,
-            self.pooling(anomaly_map, tiles),
+            self.pooling(anomaly_map, tiles, self.top_k),
             pred_mask,
             pred_label,
             tile_scores=tiles.scores,

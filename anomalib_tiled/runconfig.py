@@ -25,7 +25,14 @@ from anomalib_tiled.parse_errors import condense_parser_error
 from anomalib_tiled.run import RunDirectory, atomic_write_text
 from anomalib_tiled.settings import EnsembleSettings
 
-FROZEN_KEYS = ("seed", "tiling", "TrainModels.model", "TrainModels.trainer", "merge.blending")
+FROZEN_KEYS = (
+    "seed",
+    "tiling",
+    "TrainModels.model",
+    "TrainModels.trainer",
+    "TrainModels.calibration_share",
+    "merge.blending",
+)
 """Config keys a trained run fixes."""
 
 

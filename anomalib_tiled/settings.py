@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 from anomalib_tiled.errors import ConfigError, did_you_mean
 from anomalib_tiled.merging import ImageScore
+from anomalib_tiled.tile_scaling import TileScaling
 from anomalib_tiled.tiling import Blending, TileGrid
 
 
@@ -46,7 +47,8 @@ class ThresholdStage(str, Enum):
 NormalizationStageName = Literal["tile", "image", "none"]
 ThresholdStageName = Literal["tile", "image"]
 BlendingName = Literal["mean", "hann", "gaussian"]
-ImageScoreName = Literal["max_map", "mean_tiles", "max_tiles"]
+ImageScoreName = Literal["max_map", "topk_map", "mean_tiles", "max_tiles"]
+TileScalingName = Literal["none", "normal_zscore", "normal_quantile"]
 RunnerName = Literal["serial", "processes", "ray"]
 AUTO = "auto"
 T = TypeVar("T")
@@ -123,16 +125,27 @@ class MergeConfig:
     Args:
         blending: Weighting of overlapping tiles: ``mean`` (uniform), ``hann`` or ``gaussian``
             (smooth windows that favour tile centres).
-        image_score: ``max_map`` (max of the merged map, like anomalib models), ``mean_tiles``
-            or ``max_tiles`` (mean or max of the tile scores).
+        image_score: ``max_map`` (max of the merged map, like anomalib models), ``topk_map`` (mean
+            of the ``top_k`` highest merged-map pixels), ``mean_tiles`` or ``max_tiles`` (mean or
+            max of the tile scores).
+        calibration: Put every tile model on a common scale before merging, learned from normal
+            images held out of training (``TrainModels.calibration_share``): ``normal_zscore``,
+            ``normal_quantile`` or ``none`` (raw values).
+        top_k: Fraction of the merged map's pixels ``topk_map`` averages, in (0, 1].
     """
 
     blending: BlendingName | Blending = "mean"
     image_score: ImageScoreName | ImageScore = "max_map"
+    calibration: TileScalingName | TileScaling = "none"
+    top_k: float = 0.01
 
     def __post_init__(self) -> None:
         self.blending = enum_value(Blending, self.blending, "merge.blending")
         self.image_score = enum_value(ImageScore, self.image_score, "merge.image_score")
+        self.calibration = enum_value(TileScaling, self.calibration, "merge.calibration")
+        if not 0 < self.top_k <= 1:
+            msg = f"merge.top_k: must be a fraction of the pixels in (0, 1], got {self.top_k}"
+            raise ConfigError(msg)
 
 
 @dataclass
@@ -182,11 +195,19 @@ class TrainingSettings:
         seed: Seed of data splits and models (tile ``i`` is seeded with ``seed + i``).
         trainer: Lightning Trainer arguments for every tile model (``callbacks`` and ``logger`` as
             class specs or objects).
+        calibration_share: Fraction of the training images held out of fitting, on which every tile
+            model's normal variation is measured (``merge.calibration``); 0 fits on all of them.
     """
 
     grid: TileGrid
     seed: int = 42
     trainer: dict[str, Any] = field(default_factory=dict)
+    calibration_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.calibration_share < 1:
+            msg = f"TrainModels.calibration_share: must be in [0, 1), got {self.calibration_share}"
+            raise ConfigError(msg)
 
 
 @dataclass

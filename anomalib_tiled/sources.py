@@ -32,13 +32,23 @@ class DatasetSource:
         self.mask_paths = [path if isinstance(path, str) else "" for path in mask_paths]
         self.has_masks = dataset.task.value == "segmentation"
         self.labels = [int(label) for label in samples.label_index]
+        self.indices = list(range(len(self.image_paths)))
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def load(self, index: int) -> Any:
         """Decoded image, mask and label of one sample."""
-        return self.dataset[index]
+        return self.dataset[self.indices[index]]
+
+    def subset(self, indices: list[int]) -> DatasetSource:
+        """The samples at ``indices`` (in that order), as a source of their own."""
+        part = copy.copy(self)
+        part.indices = [self.indices[i] for i in indices]
+        part.image_paths = [self.image_paths[i] for i in indices]
+        part.mask_paths = [self.mask_paths[i] for i in indices]
+        part.labels = [self.labels[i] for i in indices]
+        return part
 
 
 class FileSource:

@@ -37,6 +37,10 @@ from anomalib_tiled.tiling import Size
 logger = logging.getLogger(__name__)
 
 
+NORMAL_SPLITS = ("train", "calibration")
+"""Splits of normal training images: no pixel ground truth is kept for them."""
+
+
 def split_fingerprint(image_paths: list[str], labels: list[int]) -> str:
     """Identity of a split's contents (image paths and labels), known before decoding anything."""
     return hashlib.sha256(json.dumps([list(image_paths), list(labels)]).encode()).hexdigest()[:16]
@@ -256,6 +260,25 @@ def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
     return splits
 
 
+def calibration_indices(count: int, share: float, seed: int) -> list[int]:
+    """Training images held out of fitting to calibrate the tile scales: a seeded random ``share`` (at least one).
+
+    Raises:
+        DataError: If holding them out leaves no image to fit on.
+    """
+    if share <= 0:
+        return []
+    held = max(1, round(share * count))
+    if held >= count:
+        msg = (
+            f"TrainModels.calibration_share: {share} of {count} training image(s) leaves none to fit on; "
+            "lower it (0 holds none out) or add training images"
+        )
+        raise DataError(msg)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return sorted(order[:held].tolist())
+
+
 class SplitCache:
     """The decoded splits of one run.
 
@@ -296,7 +319,7 @@ class SplitCache:
                 cache_file if images else None,
                 workers,
                 progress=task.update,
-                with_masks=name != "train",
+                with_masks=name not in NORMAL_SPLITS,
             )
         if images:
             logger.info("%s split: %d images decoded once into %s.", name, len(record), cache_file)

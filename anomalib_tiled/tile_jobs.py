@@ -4,7 +4,7 @@ What a job does is kept apart from where it runs (:mod:`anomalib_tiled.runners`)
 ``pipelines.components.base`` (``Job`` / ``Runner``). Every job gets everything it needs in its
 fields, so a runner can execute it anywhere. Tile models run through anomalib's ``Engine`` (a
 Lightning ``Trainer``); :func:`predict_tile` is the only way tiles are predicted, for the test split
-right after fitting, for ``eval`` and for ``predict`` alike.
+and calibration splits right after fitting, for ``eval`` and for ``predict`` alike.
 """
 
 from __future__ import annotations
@@ -159,11 +159,11 @@ class PredictTileJob(TileJobBase):
 
 @dataclass
 class FitTileJob(TileJobBase):
-    """Fit the model of one tile position, store its validation (and test) predictions, save its checkpoint."""
+    """Fit the model of one tile position, store its validation (and other) predictions, save its checkpoint."""
 
     train: TileSplit
     val: TileSplit | None = None
-    test: TileSplit | None = None
+    predicted: list[TileSplit] = field(default_factory=list)
     monitored: list[str] = field(default_factory=list)
 
     def run(self) -> TileResult:
@@ -182,8 +182,8 @@ class FitTileJob(TileJobBase):
         if writer is not None and writer.last_written_step != engine.trainer.global_step:
             # The last validation ran before the final weights (val_check_interval / check_val_every_n_epoch).
             engine.validate(model=model, dataloaders=val_loader, verbose=False)
-        if self.test is not None:
-            predict_tile(context, model, position, self.test)
+        for split in self.predicted:
+            predict_tile(context, model, position, split)
         digest = file_digest(checkpoint.path)
         seconds = time.perf_counter() - started
         device, visible = engine.trainer.strategy.root_device, os.environ.get("CUDA_VISIBLE_DEVICES")

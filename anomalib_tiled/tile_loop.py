@@ -41,22 +41,23 @@ class TileLoop:
         self.listener = listener
         self.runner = runner or runner_for(context.runtime)
 
-    def fit(self, train: TileSplit, val: TileSplit | None, test: TileSplit | None, monitored: list[str]) -> None:
+    def fit(self, train: TileSplit, val: TileSplit | None, predicted: list[TileSplit], monitored: list[str]) -> None:
         """Fit every tile position that is not done yet.
 
         Args:
             train: Training split.
             val: Validation split (predictions stored while fitting), or None.
-            test: Split predicted right after fitting (the test split when it differs from validation), or None.
+            predicted: Splits predicted right after fitting (the test split when it differs from
+                validation, the held-out calibration split).
             monitored: Metrics callbacks monitor, computed on validation tiles.
         """
-        stored = [split for split in (val, test) if split is not None]
+        stored = [*([val] if val is not None else []), *predicted]
         jobs = []
         for position in self.grid:
             if self._is_done(position, stored):
                 logger.info("%s: checkpoint and predictions verified, skipping.", position.name)
                 continue
-            jobs.append(FitTileJob(self.context, position, train, val, test, monitored))
+            jobs.append(FitTileJob(self.context, position, train, val, predicted, monitored))
         with Task(self.listener, "Training tile models", len(self.grid)) as task:
             task.update(len(self.grid) - len(jobs))
             self.runner.run(jobs, task)

@@ -21,8 +21,15 @@ from anomalib_tiled.run import RunDirectory, atomic_write_text
 from anomalib_tiled.session import RunSession
 from anomalib_tiled.settings import EnsembleSettings
 from anomalib_tiled.sources import DatasetSource
-from anomalib_tiled.splits import SplitCache, link_split, setup_splits, split_fingerprint
-from anomalib_tiled.store import run_store
+from anomalib_tiled.splits import (
+    SplitCache,
+    SplitRecord,
+    calibration_indices,
+    link_split,
+    setup_splits,
+    split_fingerprint,
+)
+from anomalib_tiled.store import PredictionStore, run_store
 from anomalib_tiled.tile_jobs import TileContext, TileSplit, release
 from anomalib_tiled.tile_loop import TileLoop
 from anomalib_tiled.validation import check_metric_inputs, check_settings, check_training_splits
@@ -66,6 +73,7 @@ class TrainingPlan:
         monitored = monitored_metrics(fresh_callbacks(trainer))
         splits = setup_splits(datamodule, settings.training.seed)
         check_training_splits(settings.postprocessing, splits, monitored, evaluate=evaluate)
+        calibration_indices(len(splits["train"]), settings.training.calibration_share, settings.training.seed)
         if evaluate:
             check_metric_inputs(DatasetSource(splits["test"]).labels, settings.postprocessing.metrics)
         # Fail on init args the model rejects (unknown backbone, missing weights...) before any work.
@@ -86,12 +94,15 @@ class TrainingPlan:
         cache = SplitCache(run, settings.grid.image_size, listener)
         splits = self._decode(run, cache)
         context = TileContext(run, self.factory, settings.training, settings.runtime)
-        val, test = splits.get("val"), splits.get("test")
+        val, test, normal = splits.get("val"), splits.get("test"), splits.get("calibration")
         if val is not None and test is not None and test.record.fingerprint == val.record.fingerprint:
             test = None  # validation predictions are the test predictions
-        TileLoop(context, settings.grid, listener).fit(splits["train"], val, test, self.monitored)
-        record = val.record if val is not None else None
-        stats = Calibrator(settings.grid, settings.postprocessing).learn(record, val.store if val else None)
+        predicted = [split for split in (test, normal) if split is not None]
+        TileLoop(context, settings.grid, listener).fit(splits["train"], val, predicted, self.monitored)
+        calibrator = Calibrator(settings.grid, settings.postprocessing)
+        stats = calibrator.learn(
+            val.record if val else None, val.store if val else None, _recorded(normal), seed=settings.training.seed
+        )
         logger.info(
             "Statistics learned on validation: %s", json.dumps({"tile": stats["tile"], "image": stats["image"]})
         )
@@ -104,12 +115,22 @@ class TrainingPlan:
         workers = min(getattr(self.datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
         train_batch = getattr(self.datamodule, "train_batch_size", 32)
         eval_batch = getattr(self.datamodule, "eval_batch_size", 32)
-        wanted = [
-            name for name in ("train", "val", "test") if name in self.splits and (name != "test" or self.evaluate)
-        ]
+        sources = {name: DatasetSource(dataset) for name, dataset in self.splits.items()}
+        if not self.evaluate:
+            sources.pop("test", None)
+        held_out = calibration_indices(
+            len(sources["train"]), self.settings.training.calibration_share, self.settings.training.seed
+        )
+        if held_out:
+            # Normal images the tile models never fit on, to measure each model's normal variation.
+            kept = sorted(set(range(len(sources["train"]))) - set(held_out))
+            sources["calibration"] = sources["train"].subset(held_out)
+            sources["train"] = sources["train"].subset(kept)
         splits: dict[str, TileSplit] = {}
-        for name in wanted:
-            source = DatasetSource(self.splits[name])
+        for name in ("train", "calibration", "val", "test"):
+            if name not in sources:
+                continue
+            source = sources[name]
             val = splits.get("val")
             if name == "test" and val is not None and val.record.fingerprint == _fingerprint(source):
                 record = link_split(val.record, run.split_dir(name))
@@ -123,6 +144,10 @@ class TrainingPlan:
             else:
                 splits[name] = TileSplit(record, images, eval_batch, run_store(run, record.fingerprint))
         return splits
+
+
+def _recorded(split: TileSplit | None) -> tuple[SplitRecord, PredictionStore] | None:
+    return None if split is None or split.store is None else (split.record, split.store)
 
 
 def _fingerprint(source: DatasetSource) -> str:

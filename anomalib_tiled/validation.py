@@ -27,6 +27,7 @@ from anomalib_tiled.settings import (
     RuntimeSettings,
     check_choice,
 )
+from anomalib_tiled.tile_scaling import TileScaling
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -36,6 +37,7 @@ def check_settings(settings: EnsembleSettings) -> None:
     check_runtime(settings.runtime)
     check_trainer(settings.training.trainer)
     check_postprocessing(settings.postprocessing)
+    check_tile_scaling(settings.postprocessing, has_calibration=settings.training.calibration_share > 0)
 
 
 def check_runtime(runtime: RuntimeSettings) -> None:
@@ -175,6 +177,17 @@ def check_training_splits(
             "check test_split_mode or train with --evaluate false"
         )
         raise DataError(msg)
+
+
+def check_tile_scaling(post: PostProcessingSettings, *, has_calibration: bool) -> None:
+    """Fail if tiles must be scaled from normal calibration images that the run does not hold out."""
+    if post.merge.calibration != TileScaling.NONE and not has_calibration:
+        msg = (
+            f"merge.calibration: {post.merge.calibration.value} learns each tile's scale from normal training "
+            "images held out of fitting, but the run holds none out; train with TrainModels.calibration_share "
+            "(e.g. 0.2) or use merge.calibration: none"
+        )
+        raise ConfigError(msg)
 
 
 def check_metric_inputs(labels: Sequence[int], metrics: MetricsConfig) -> None:

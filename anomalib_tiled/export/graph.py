@@ -42,6 +42,7 @@ class TiledEnsembleGraph(nn.Module):
         stages = [*(calibrations.tiles or []), *([calibrations.image] if calibrations.image else [])]
         # Registered so that the statistics travel as buffers of the graph, not as loose constants.
         self.statistics = nn.ModuleList([stage.post_processor for stage in stages])
+        self.scales = calibrations.scales
         # The grid caches its blending weights on first use: fill the caches with real tensors now,
         # or the tracer would fill them with its fake ones.
         grid = merger.grid
