@@ -66,7 +66,8 @@ class TiledEnsembleEngine:
         threshold_stage: ``image`` or ``tile`` (ignored when ``thresholding`` is a ThresholdingConfig).
         seam_smoothing: ``True``/``False`` or a :class:`~anomalib_tiled.settings.SeamSmoothingConfig`.
         blending: ``mean``, ``hann`` or ``gaussian``.
-        image_score: ``max_map``, ``mean_tiles`` or ``max_tiles``.
+        image_score, calibration, top_k: Image score, tile scaling and top-k fraction (see ``MergeConfig``).
+        calibration_share: Fraction of training images held out of fitting to learn the tile scaling.
         image_metrics: Image metric names or specs (default ``AUROC``, ``F1Score``).
         pixel_metrics: Pixel metric names or specs (default ``AUROC``, ``F1Score``).
         visualization: Result-image settings.
@@ -91,6 +92,9 @@ class TiledEnsembleEngine:
         seam_smoothing: bool | SeamSmoothingConfig = False,
         blending: str = "mean",
         image_score: str = "max_map",
+        calibration: str = "none",
+        calibration_share: float = 0.0,
+        top_k: float = 0.01,
         image_metrics: Sequence[str | dict] | None = None,
         pixel_metrics: Sequence[str | dict] | None = None,
         visualization: VisualizationConfig | None = None,
@@ -106,12 +110,12 @@ class TiledEnsembleEngine:
         metrics = {"image": image_metrics, "pixel": pixel_metrics}
         trainer = {**trainer_kwargs, **({"callbacks": list(callbacks)} if callbacks else {})}
         settings = EnsembleSettings(
-            training=TrainingSettings(grid=tile_grid(image_size, tile_size, stride), seed=seed, trainer=trainer),
+            training=TrainingSettings(tile_grid(image_size, tile_size, stride), seed, trainer, calibration_share),
             postprocessing=PostProcessingSettings(
                 normalization_stage=normalization_stage,
                 thresholding=thresholding,
                 seam_smoothing=seam_smoothing,
-                merge=MergeConfig(blending=blending, image_score=image_score),
+                merge=MergeConfig(blending, image_score, calibration, top_k),
                 metrics=MetricsConfig(**{level: list(specs) for level, specs in metrics.items() if specs is not None}),
                 visualization=visualization or VisualizationConfig(),
             ),
@@ -182,10 +186,7 @@ class TiledEnsembleEngine:
     def train(
         self, model: Any, datamodule: Any, *, resume: str | Path | None = None, data_spec: dict | None = None
     ) -> list[dict[str, float]]:
-        """Fit, then test on the data module's test split (like ``Engine.train``); ``[metrics]`` as :meth:`test`.
-
-        Test tiles are predicted right after each tile model is fitted, while it is still in memory.
-        """
+        """Fit, then test (like ``Engine.train``; test tiles are predicted while each tile model is in memory)."""
         self._fit(model, datamodule, resume, data_spec, evaluate=True)
         return self.test(datamodule=datamodule)
 
@@ -196,8 +197,7 @@ class TiledEnsembleEngine:
         plan = TrainingPlan.prepare(self.settings, factory, datamodule, evaluate=evaluate)
         config = RunConfig(self.settings, factory.spec, data_spec or object_spec(datamodule))
         self.run = resume_run(resume, config) if resume is not None else create_run(config, datamodule)
-        self.trained = config
-        self.datamodule = datamodule
+        self.trained, self.datamodule = config, datamodule
         self.progress.message(f"Run directory: {self.run.root}")
         session = RunSession(self.run, len(self.grid))
         with RunLog(self.run.log_path), session.training():
