@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from anomalib_tiled.cli import main
+from anomalib_tiled.export import export_run
 from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.synthetic import CATEGORY
-from tests.conftest import base_config, write_config
+from anomalib_tiled.synthetic import CATEGORY, make_dataset
+from tests.conftest import IMAGE_SIZE, base_config, write_config
+from tests.test_export import assert_parity, run_based_predict
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +82,10 @@ def test_holding_out_every_training_image_is_refused(
     assert main(["train", "--config", str(write_config(tmp_path / "config.yaml", config))]) == 1  # a data error
     assert "calibration_share: 0.95 of 10 training image(s) leaves none to fit on" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_an_exported_calibrated_ensemble_scales_tiles_as_predict_does(calibrated_run: Path, tmp_path: Path) -> None:
+    images = make_dataset(tmp_path / "unseen", size=IMAGE_SIZE, n_train=0, n_test_good=3, n_test_defect=2, seed=5)
+    reference = run_based_predict(calibrated_run, images / "test", tmp_path / "predict")
+    assert_parity(export_run(calibrated_run, "onnx", output=tmp_path / "onnx"), reference)
