@@ -288,3 +288,17 @@ def test_quick_scenario_1_both_sides_produce_numbers(tmp_path: Path) -> None:
     assert set(scenario["results"]["ours"]["stages"]) == {"train", "eval"}
     assert "| End-to-end wall time |" in (out / "latest" / "results.md").read_text(encoding="utf-8")
     assert "| End-to-end wall time |" in completed.stdout
+
+
+def test_aupro_memory_variants_agree_on_small_maps() -> None:
+    from benchmarks.aupro_memory import extrapolate, measure
+
+    exact, streaming = (measure(variant, images=6, batch_size=4, side=96) for variant in ("exact", "streaming"))
+    assert 0.3 < exact["value"] < 1.0
+    assert streaming["value"] == pytest.approx(exact["value"], abs=2e-3)
+    assert streaming["peak_mb"] >= streaming["baseline_mb"] > 0 and streaming["seconds"] > 0
+    rows = [
+        {"images": 10, "peak_mb": 300.0, "baseline_mb": 100.0, "seconds": 2.0},
+        {"images": 20, "peak_mb": 500.0, "baseline_mb": 100.0, "seconds": 4.0},
+    ]
+    assert extrapolate(rows, 40) == {"growth_mb": 800.0, "seconds": 8.0}

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from anomalib_tiled.merging import MergedBatch
-from anomalib_tiled.metrics import binned_confusion, binned_thresholds
-from anomalib_tiled.report.curves import image_curves, pixel_curves, region_overlap, score_histogram, tile_grid_summary
+from anomalib_tiled.metrics import binned_confusion, binned_thresholds, region_overlap
+from anomalib_tiled.report.curves import image_curves, pixel_curves, score_histogram, tile_grid_summary
 from anomalib_tiled.report.data import REPORT_DATA, Gallery, GalleryItem, ReportData
 from anomalib_tiled.report.gallery import BoundedHeap, Candidate, gallery_picture
 from anomalib_tiled.run import atomic_write_text

@@ -2,8 +2,9 @@
 
 Image curves come from torchmetrics' functional API on the exact per-image scores. Pixel curves
 come from confusion matrices over fixed thresholds (see :mod:`anomalib_tiled.metrics`), so they
-cost the same memory for ten images or ten thousand. The PRO curve is streamed the same way: every
-ground-truth region's pixel scores are histogrammed over those thresholds as the region goes by.
+cost the same memory for ten images or ten thousand. The PRO curve is streamed the same way, with
+the helpers of the streaming ``AUPRO`` metric: every ground-truth region's pixel scores are
+histogrammed over those thresholds as the region goes by (:func:`~anomalib_tiled.metrics.region_overlap`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import math
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torchmetrics.functional.classification import (
     binary_auroc,
     binary_average_precision,
@@ -20,6 +20,7 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
+from anomalib_tiled.metrics import pro_area, pro_curve
 from anomalib_tiled.report.data import Curve, Histogram, TileGridSummary
 from anomalib_tiled.tiling import TileGrid
 
@@ -28,9 +29,6 @@ MAX_POINTS = 1000
 
 PRO_FPR_LIMIT = 0.3
 """False-positive rate up to which the PRO curve is integrated (AUPRO's usual limit)."""
-
-# Regions touching at a corner are one defect, as in OpenCV's (and anomalib's) connected components.
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def downsample(curve: Curve, max_points: int = MAX_POINTS) -> Curve:
@@ -73,33 +71,6 @@ def image_curves(scores: torch.Tensor, labels: torch.Tensor) -> tuple[Curve, Cur
     return downsample(roc), downsample(pr), downsample(f1_curve)
 
 
-def region_overlap(
-    anomaly_map: torch.Tensor, gt_mask: torch.Tensor, thresholds: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """Summed per-region overlap of one image's ground-truth regions, at every threshold.
-
-    Args:
-        anomaly_map: ``(H, W)`` scores.
-        gt_mask: ``(H, W)`` boolean ground truth.
-        thresholds: Sorted 1-D thresholds.
-
-    Returns:
-        ``(len(thresholds),)`` float64 sum over regions of the fraction of the region's pixels scoring
-        at or above each threshold, and the number of regions.
-    """
-    regions, count = ndimage.label(gt_mask.cpu().numpy(), structure=_EIGHT_CONNECTED)
-    if count == 0:
-        return torch.zeros(len(thresholds), dtype=torch.float64), 0
-    region = torch.from_numpy(regions).flatten()
-    inside = region > 0
-    # Same histogram trick as metrics.binned_confusion, one histogram row per region.
-    at_or_below = torch.searchsorted(thresholds, anomaly_map.detach().cpu().float().flatten()[inside], right=True)
-    width = len(thresholds) + 1
-    counts = torch.bincount((region[inside] - 1) * width + at_or_below, minlength=count * width).view(count, width)
-    at_or_above = counts.flip(1).cumsum(1).flip(1)[:, 1:].double()
-    return (at_or_above / counts.sum(1, keepdim=True)).sum(0), count
-
-
 def pixel_curves(confusion: torch.Tensor, overlap_sum: torch.Tensor, regions: int) -> tuple[Curve, Curve]:
     """Pixel ROC and PRO curves from binned counts.
 
@@ -122,11 +93,8 @@ def pixel_curves(confusion: torch.Tensor, overlap_sum: torch.Tensor, regions: in
     roc = Curve(fpr.tolist(), tpr.tolist(), area=float(np.trapezoid(tpr, fpr)))
     if regions == 0:
         return roc, Curve(note="the ground truth has no anomalous region")
-    pro = _closed((overlap_sum / regions).flip(0))
-    inside = fpr <= PRO_FPR_LIMIT
-    limited_fpr = np.append(fpr[inside], PRO_FPR_LIMIT)
-    limited_pro = np.append(pro[inside], np.interp(PRO_FPR_LIMIT, fpr, pro))
-    area = float(np.trapezoid(limited_pro, limited_fpr)) / PRO_FPR_LIMIT
+    fpr, pro = pro_curve(confusion[:, 0, 1], normal, overlap_sum, regions)
+    area = pro_area(fpr, pro, PRO_FPR_LIMIT)
     return downsample(roc), downsample(Curve(fpr.tolist(), pro.tolist(), area=area))
 
 
