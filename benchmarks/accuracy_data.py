@@ -4,8 +4,9 @@
 * ``synthetic``: the package's own synthetic texture set;
 * ``textures``: real texture photos bundled with scikit-image (no download). Normal images are random
   crops (and flips) of one photo; anomalous ones carry one small defect: a soft-edged disc of a
-  *different* photo (``foreign``, 3-5 % of the image side across) or a thin brighter or darker line
-  (``scratch``, 4-7 % of the side long, 2 px wide). The mask is the defect;
+  *different* photo shifted 0.1-0.2 brighter or darker (``foreign``, 5-7 % of the side across), or
+  a thin brighter or darker line (``scratch``, 6-10 % of the side long, 3 px wide). The mask is the
+  defect. (Same-grey discs of 3-5 % were invisible on the busy grass even to the eye.);
 * ``border``: the same on another photo with every defect centred on a tile border or the tile corner
   (the seams of the 2x2 grid), to test how tiles are stitched;
 * ``nonsquare``: 224 x 320 (height x width) crops, tiled 128 with stride 96 (a 2x3 overlapping grid).
@@ -223,25 +224,28 @@ def _paste_foreign(
     image: np.ndarray, patch: np.ndarray, centre: tuple[float, float, str], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     x, y, _ = centre
-    radius = rng.uniform(0.015, 0.025) * min(image.shape)
+    radius = rng.uniform(0.025, 0.035) * min(image.shape)
     mask = _draw(image.shape, lambda draw: draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255))
-    # Soft edge: the blend weight falls off over ~1 px; the mask stays the disc itself.
+    # Soft edge: the blend weight falls off over ~1 px; the mask stays the disc itself. The foreign
+    # material is a little brighter or darker than the host, like a stain: same-grey discs of another
+    # photo were invisible on the busy grass even to the eye.
     alpha = np.clip(gaussian_filter(mask.astype(np.float32), sigma=1.0), 0, 1)
-    return image * (1 - alpha) + patch * alpha, mask
+    shift = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.1, 0.2)
+    return np.clip(image * (1 - alpha) + (patch + shift) * alpha, 0, 1), mask
 
 
 def _scratch(
     image: np.ndarray, centre: tuple[float, float, str], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     x, y, kind = centre
-    half = rng.uniform(0.02, 0.035) * min(image.shape)
+    half = rng.uniform(0.03, 0.05) * min(image.shape)
     # On a border the line crosses it (never runs along it), so it really straddles the seam.
     base = {"vertical": 0.0, "horizontal": math.pi / 2, "corner": math.pi / 4, "free": 0.0}[kind]
     spread = math.pi if kind == "free" else math.pi / 4
     angle = base + rng.uniform(-spread / 2, spread / 2)
     dx, dy = half * math.cos(angle), half * math.sin(angle)
-    mask = _draw(image.shape, lambda draw: draw.line([x - dx, y - dy, x + dx, y + dy], fill=255, width=2))
-    delta = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.3, 0.4)
+    mask = _draw(image.shape, lambda draw: draw.line([x - dx, y - dy, x + dx, y + dy], fill=255, width=3))
+    delta = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.45, 0.6)
     alpha = np.clip(gaussian_filter(mask.astype(np.float32), sigma=0.7), 0, 1)
     return np.clip(image + delta * alpha, 0, 1), mask
 
