@@ -19,6 +19,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +32,8 @@ from benchmarks.procmon import ProcessRun, run_monitored
 CHILDREN = Path(__file__).resolve().parent / "children"
 REQUIRED_METRICS = ("image_AUROC", "pixel_AUROC")
 REPORTED_METRICS = ("image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score")
+KEPT_METRICS = (*REPORTED_METRICS, "pixel_AUPRO")
+"""Metrics a side keeps: the reported four plus AUPRO, which only workloads with ``pixel_aupro`` compute."""
 UPSTREAM_STAGE_FAILURE = re.compile(r"There were some errors when running (\w+) with")
 
 
@@ -41,7 +44,7 @@ class Workload:
     Attributes:
         data_root: Dataset root in MVTec AD layout.
         category: Category folder below the root.
-        image_size: Side images are resized to before tiling.
+        image_size: Side images are resized to before tiling, or ``(height, width)``.
         tile_size: Tile side.
         stride: Step between tiles (smaller than ``tile_size``: overlapping tiles).
         model: ``{class_path, init_args}`` of the model.
@@ -51,11 +54,13 @@ class Workload:
         accelerator: Lightning accelerator.
         seam_smoothing: Smooth tile seams.
         execution: ``execution`` keys of ours (runner, workers...); None keeps the serial default.
+        pixel_aupro: Also compute pixel AUPRO (anomalib's exact metric) on every side.
+        ours_overrides: ``(dotted.key, value)`` pairs set in ours' config (e.g. ``TrainModels.calibration_share``).
     """
 
     data_root: Path
     category: str
-    image_size: int
+    image_size: int | tuple[int, int]
     tile_size: int
     stride: int
     model: dict[str, Any]
@@ -65,6 +70,15 @@ class Workload:
     accelerator: str = "cpu"
     seam_smoothing: bool = False
     execution: dict[str, Any] | None = None
+    pixel_aupro: bool = False
+    ours_overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def size_hw(self) -> list[int]:
+        """``[height, width]`` of the images before tiling."""
+        if isinstance(self.image_size, int):
+            return [self.image_size, self.image_size]
+        return [int(side) for side in self.image_size]
 
     def data_spec(self) -> dict[str, Any]:
         """``{class_path, init_args}`` of the data module, with the split modes upstream requires spelled out."""
@@ -88,7 +102,7 @@ class Workload:
             "accelerator": self.accelerator,
             "default_root_dir": str(default_root_dir),
             "tiling": {
-                "image_size": [self.image_size, self.image_size],
+                "image_size": self.size_hw,
                 "tile_size": [self.tile_size, self.tile_size],
                 "stride": self.stride,
             },
@@ -103,11 +117,17 @@ class Workload:
         config["thresholding"] = {"method": "F1AdaptiveThreshold", "stage": "image"}
         config["TrainModels"] = {
             "model": self.model,
-            "metrics": {"image": ["AUROC", "F1Score"], "pixel": ["AUROC", "F1Score"]},
+            "metrics": {"image": ["AUROC", "F1Score"], "pixel": ["AUROC", "F1Score", *(["AUPRO"] * self.pixel_aupro)]},
         }
         config["visualization"] = {"save": True}
         if self.execution is not None:
             config["execution"] = self.execution
+        for key, value in self.ours_overrides:
+            *parents, name = key.split(".")
+            node = config
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[name] = value
         return config
 
     def upstream_config(self, default_root_dir: Path) -> dict[str, Any]:
@@ -202,17 +222,17 @@ def run_ours(workload: Workload, directory: Path, launcher: Launcher, mode: str 
         directory: Folder for its config, logs and run directory.
         launcher: Process settings.
         mode: ``single`` (one ``train`` that also evaluates, like upstream's one process; stage times
-            from the run's ``run.log``) or ``split`` (``train --evaluate false``, then ``eval --root``:
-            two processes, each paying start-up and imports).
+            from the run's ``run.log``), ``split`` (``train --evaluate false``, then ``eval --root``:
+            two processes, each paying start-up and imports) or ``train`` (``train --evaluate false``
+            only: ok once the run directory exists, no metrics; evaluate it with :func:`eval_ours`).
 
     Returns:
         The measurements, or the reason it failed.
     """
     result = SideResult("ours")
     config = _write_yaml(directory / "ours.yaml", workload.ours_config(directory / "runs"))
-    cli = [launcher.python, "-m", "anomalib_tiled"]
-    train_command = [*cli, "train", "--config", str(config)]
-    if mode == "split":
+    train_command = [launcher.python, "-m", "anomalib_tiled", "train", "--config", str(config)]
+    if mode in ("split", "train"):
         train_command += ["--evaluate", "false"]
     train = launcher.run(train_command, directory / "logs" / "ours-train", directory)
     result.add_process(train)
@@ -230,14 +250,49 @@ def run_ours(workload: Workload, directory: Path, launcher: Launcher, mode: str 
         # Training ends when the statistics are learned; evaluation is the rest of the process.
         result.stages["train"] = learned - train.started
         result.stages["eval"] = train.wall_s - result.stages["train"]
+    if mode == "train":
+        result.stages["train"] = train.wall_s
+        result.ok = True
+        return result
     if mode == "split":
         result.stages["train"] = train.wall_s
-        evaluation = launcher.run([*cli, "eval", "--root", str(run_dir)], directory / "logs" / "ours-eval", directory)
-        result.add_process(evaluation)
-        if (error := _process_error(evaluation, "ours eval")) is not None:
-            result.error = error
-            return result
-        result.stages["eval"] = evaluation.wall_s
+        return eval_ours(result, run_dir, directory, launcher)
+    return _read_ours_metrics(result, run_dir)
+
+
+def eval_ours(
+    result: SideResult,
+    run_dir: Path,
+    directory: Path,
+    launcher: Launcher,
+    options: Sequence[str] = (),
+    log_name: str = "ours-eval",
+) -> SideResult:
+    """Evaluate a trained run with ``eval --root RUN [options]`` and read the metrics it writes.
+
+    Args:
+        result: Where the process and metrics are accounted (its ``eval`` stage is set).
+        run_dir: Run directory of ``train``.
+        directory: Working directory; logs go to ``logs/<log_name>``.
+        launcher: Process settings.
+        options: Extra ``eval`` options (setting overrides such as ``--merge.image_score mean_tiles``).
+        log_name: Stem of the log files.
+
+    Returns:
+        ``result``, with the metrics or the reason it failed.
+    """
+    command = [launcher.python, "-m", "anomalib_tiled", "eval", "--root", str(run_dir), *options]
+    evaluation = launcher.run(command, directory / "logs" / log_name, directory)
+    result.add_process(evaluation)
+    if (error := _process_error(evaluation, "ours eval")) is not None:
+        result.error = error
+        return result
+    result.stages["eval"] = evaluation.wall_s
+    return _read_ours_metrics(result, run_dir)
+
+
+def _read_ours_metrics(result: SideResult, run_dir: Path) -> SideResult:
+    # The newest eval/vN is the one just written: evaluations of a run never run concurrently here.
     metrics_file = _latest_eval(run_dir)
     if metrics_file is None:
         result.error = f"ours: no eval/vN/metrics.json in {run_dir}"
@@ -290,6 +345,8 @@ def run_upstream(workload: Workload, directory: Path, launcher: Launcher, *, pas
     ]
     if pass_init_args:
         command.append("--pass-init-args")
+    if workload.pixel_aupro:
+        command.append("--aupro")
     process = launcher.run(command, directory / "logs" / "upstream", cwd)
     result.add_process(process)
     if (error := _process_error(process, "upstream")) is not None:
@@ -321,6 +378,8 @@ def run_upstream(workload: Workload, directory: Path, launcher: Launcher, *, pas
 def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> SideResult:
     """Fit and test one model on whole images resized to ``workload.image_size`` (no tiling).
 
+    With ``workload.pixel_aupro`` its evaluator also computes pixel AUPRO.
+
     Returns:
         The measurements, or the reason it failed.
     """
@@ -328,8 +387,9 @@ def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> Si
     spec = {
         "model": workload.model,
         "data": workload.data_spec(),
-        "image_size": [workload.image_size, workload.image_size],
+        "image_size": workload.size_hw,
         "seed": workload.seed,
+        "aupro": workload.pixel_aupro,
         "accelerator": workload.accelerator,
         "default_root_dir": str(directory / "runs"),
     }
@@ -365,7 +425,7 @@ def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> Si
 
 def _finish(result: SideResult, values: dict[str, float], source: str) -> SideResult:
     """Keep the reported metrics; fail when a required one is missing or not a finite number."""
-    result.metrics = {name: float(values[name]) for name in REPORTED_METRICS if name in values}
+    result.metrics = {name: float(values[name]) for name in KEPT_METRICS if name in values}
     bad = [name for name in REQUIRED_METRICS if not math.isfinite(result.metrics.get(name, math.nan))]
     if bad:
         result.error = f"{source}: missing or non-finite {', '.join(bad)} (got {sorted(values)})"

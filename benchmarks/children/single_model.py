@@ -6,7 +6,9 @@ without tiling) on the same data, seed and model arguments as the tiled runs, an
 metrics and the wall-clock time at the end of fitting to ``OUT.json``.
 
 ``SPEC.json`` holds ``model`` (``{class_path, init_args}``), ``data`` (``{class_path, init_args}``),
-``image_size``, ``seed``, ``accelerator`` and ``default_root_dir``.
+``image_size`` (``[height, width]``), ``seed``, ``accelerator``, ``default_root_dir`` and optionally
+``aupro``: with it the model's evaluator is anomalib's default four test metrics plus pixel AUPRO
+(:func:`evaluators.build_evaluator`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ def main() -> None:
     seed_everything(spec["seed"], workers=True)
     model_class = import_model_class(spec["model"]["class_path"])
     pre_processor = model_class.configure_pre_processor(image_size=tuple(spec["image_size"]))
-    model = model_class(**spec["model"]["init_args"], pre_processor=pre_processor)
+    extra: dict[str, Any] = {}
+    if spec.get("aupro"):
+        from evaluators import build_evaluator  # noqa: PLC0415 - sibling module (run by path)
+
+        extra["evaluator"] = build_evaluator(aupro=True)
+    model = model_class(**spec["model"]["init_args"], pre_processor=pre_processor, **extra)
     datamodule = get_datamodule(spec["data"])
     engine = Engine(accelerator=spec["accelerator"], devices=1, default_root_dir=spec["default_root_dir"])
     result: dict[str, Any] = {"imported": time.time()}

@@ -16,6 +16,12 @@ replaces the ``get_model`` name *inside* ``anomalib.pipelines.tiled_ensemble.com
 helper_functions`` only (in this process only) with a wrapper that drops ``init_args`` from the spec
 and passes them as keyword arguments instead, so the model receives exactly the configured
 arguments. Nothing else is changed.
+
+``--aupro`` (accuracy benchmark): upstream's metrics job computes the ``test_metrics`` of the tile
+model's evaluator (``MetricsCalculationJobGenerator`` builds a throw-away tile model and takes its
+``evaluator``). The same ``get_model`` wrapper then also passes ``evaluator=`` anomalib's default
+four test metrics plus pixel ``AUPRO`` (:func:`evaluators.build_evaluator`), so upstream reports AUPRO
+computed by anomalib's own metric on its merged predictions; training and merging are untouched.
 """
 
 from __future__ import annotations
@@ -27,18 +33,23 @@ from pathlib import Path
 from typing import Any
 
 
-def pass_init_args_as_kwargs() -> None:
-    """Make upstream's model helper accept ``TrainModels.model.init_args`` (see the module docstring)."""
+def patch_get_model(*, pass_init_args: bool, aupro: bool) -> None:
+    """Wrap ``get_model`` inside upstream's model helper (see the module docstring); no-op if neither flag."""
+    if not (pass_init_args or aupro):
+        return
     from anomalib.models import AnomalibModule, get_model  # noqa: PLC0415 - see main()
     from anomalib.pipelines.tiled_ensemble.components.utils import helper_functions  # noqa: PLC0415
+    from evaluators import build_evaluator  # noqa: PLC0415 - sibling module (run by path)
 
-    def get_model_with_init_args(model: Any, *args: Any, **kwargs: Any) -> AnomalibModule:
-        if isinstance(model, dict) and model.get("init_args"):
+    def wrapped_get_model(model: Any, *args: Any, **kwargs: Any) -> AnomalibModule:
+        if aupro:
+            kwargs.setdefault("evaluator", build_evaluator(aupro=True))
+        if pass_init_args and isinstance(model, dict) and model.get("init_args"):
             spec = {key: value for key, value in model.items() if key != "init_args"}
             return get_model(spec, *args, **{**model["init_args"], **kwargs})
         return get_model(model, *args, **kwargs)
 
-    helper_functions.get_model = get_model_with_init_args
+    helper_functions.get_model = wrapped_get_model
 
 
 def main() -> None:
@@ -47,13 +58,13 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="upstream tiled-ensemble config (YAML)")
     parser.add_argument("--result", type=Path, required=True, help="JSON file for run directory and timestamps")
     parser.add_argument("--pass-init-args", action="store_true", help="apply the init_args workaround")
+    parser.add_argument("--aupro", action="store_true", help="also compute pixel AUPRO in the metrics job")
     args = parser.parse_args()
 
     # Imported after parsing, so that --help and argument errors do not wait ~10 s for anomalib.
     from anomalib.pipelines.tiled_ensemble import EvalTiledEnsemble, TrainTiledEnsemble  # noqa: PLC0415
 
-    if args.pass_init_args:
-        pass_init_args_as_kwargs()
+    patch_get_model(pass_init_args=args.pass_init_args, aupro=args.aupro)
     pipeline_args = argparse.Namespace(config=args.config)
     result: dict[str, Any] = {"imported": time.time()}
     train = TrainTiledEnsemble()
