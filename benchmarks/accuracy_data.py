@@ -4,7 +4,7 @@
 * ``synthetic``: the package's own synthetic texture set;
 * ``textures``: real texture photos bundled with scikit-image (no download). Normal images are random
   crops (and flips) of one photo; anomalous ones carry one small defect: a soft-edged disc of a
-  *different* photo shifted 0.1-0.2 brighter or darker (``foreign``, 5-7 % of the side across), or
+  *different* photo shifted 0.25-0.35 brighter or darker (``foreign``, 6-9 % of the side across), or
   a thin brighter or darker line (``scratch``, 6-10 % of the side long, 3 px wide). The mask is the
   defect. (Same-grey discs of 3-5 % were invisible on the busy grass even to the eye.);
 * ``border``: the same on another photo with every defect centred on a tile border or the tile corner
@@ -224,13 +224,13 @@ def _paste_foreign(
     image: np.ndarray, patch: np.ndarray, centre: tuple[float, float, str], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     x, y, _ = centre
-    radius = rng.uniform(0.025, 0.035) * min(image.shape)
+    radius = rng.uniform(0.03, 0.045) * min(image.shape)
     mask = _draw(image.shape, lambda draw: draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=255))
     # Soft edge: the blend weight falls off over ~1 px; the mask stays the disc itself. The foreign
-    # material is a little brighter or darker than the host, like a stain: same-grey discs of another
+    # material is brighter or darker than the host, like a stain: same-grey discs of another
     # photo were invisible on the busy grass even to the eye.
     alpha = np.clip(gaussian_filter(mask.astype(np.float32), sigma=1.0), 0, 1)
-    shift = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.1, 0.2)
+    shift = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.25, 0.35)
     return np.clip(image * (1 - alpha) + (patch + shift) * alpha, 0, 1), mask
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks.datasets import build_subset, make_synthetic
 from benchmarks.report import machine_info
-from benchmarks.sides import CHILDREN, Launcher, Workload, _process_error, _write_yaml
+from benchmarks.sides import CHILDREN, Launcher, Workload, _write_yaml, process_error
 
 REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("torch", "onnx", "openvino")
@@ -91,7 +91,7 @@ def run_child(launcher: Launcher, kind: str, target: Path, images: Path, work: P
     command += ["--images", str(images), "--result", str(result)]
     command += [item for key, value in extra.items() for item in (f"--{key}", str(value))]
     process = launcher.run(command, work / "logs" / kind, work)
-    if (error := _process_error(process, kind)) is not None:
+    if (error := process_error(process, kind)) is not None:
         raise RuntimeError(error)
     return {**json.loads(result.read_text(encoding="utf-8")), "peak_rss": process.peak_tree_rss}
 
@@ -99,7 +99,7 @@ def run_child(launcher: Launcher, kind: str, target: Path, images: Path, work: P
 def cli(launcher: Launcher, arguments: list[str], work: Path, log: str) -> str:
     """Run ``python -m anomalib_tiled ...``; the last line of its standard output."""
     process = launcher.run([launcher.python, "-m", "anomalib_tiled", *arguments], work / "logs" / log, work)
-    if (error := _process_error(process, log)) is not None:
+    if (error := process_error(process, log)) is not None:
         raise RuntimeError(error)
     return process.stdout().strip().splitlines()[-1]
 

@@ -236,7 +236,7 @@ def run_ours(workload: Workload, directory: Path, launcher: Launcher, mode: str 
         train_command += ["--evaluate", "false"]
     train = launcher.run(train_command, directory / "logs" / "ours-train", directory)
     result.add_process(train)
-    if (error := _process_error(train, "ours train")) is not None:
+    if (error := process_error(train, "ours train")) is not None:
         result.error = error
         return result
     run_dir = Path(train.stdout().strip().splitlines()[-1]) if train.stdout().strip() else None
@@ -284,7 +284,7 @@ def eval_ours(
     command = [launcher.python, "-m", "anomalib_tiled", "eval", "--root", str(run_dir), *options]
     evaluation = launcher.run(command, directory / "logs" / log_name, directory)
     result.add_process(evaluation)
-    if (error := _process_error(evaluation, "ours eval")) is not None:
+    if (error := process_error(evaluation, "ours eval")) is not None:
         result.error = error
         return result
     result.stages["eval"] = evaluation.wall_s
@@ -297,7 +297,7 @@ def _read_ours_metrics(result: SideResult, run_dir: Path) -> SideResult:
     if metrics_file is None:
         result.error = f"ours: no eval/vN/metrics.json in {run_dir}"
         return result
-    return _finish(result, json.loads(metrics_file.read_text(encoding="utf-8")), f"ours ({metrics_file})")
+    return finish_metrics(result, json.loads(metrics_file.read_text(encoding="utf-8")), f"ours ({metrics_file})")
 
 
 def _logged_at(log: Path, message: str) -> float | None:
@@ -349,7 +349,7 @@ def run_upstream(workload: Workload, directory: Path, launcher: Launcher, *, pas
         command.append("--aupro")
     process = launcher.run(command, directory / "logs" / "upstream", cwd)
     result.add_process(process)
-    if (error := _process_error(process, "upstream")) is not None:
+    if (error := process_error(process, "upstream")) is not None:
         result.error = error
         return result
     pipeline_log = cwd / "runs" / "pipeline.log"
@@ -372,7 +372,7 @@ def run_upstream(workload: Workload, directory: Path, launcher: Launcher, *, pas
     with metrics_file.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     values = {name: float(value) for name, value in rows[0].items()} if rows else {}
-    return _finish(result, values, f"upstream ({metrics_file})")
+    return finish_metrics(result, values, f"upstream ({metrics_file})")
 
 
 def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> SideResult:
@@ -408,7 +408,7 @@ def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> Si
     ]
     process = launcher.run(command, directory / "logs" / "reference", directory)
     result.add_process(process)
-    if (error := _process_error(process, "reference")) is not None:
+    if (error := process_error(process, "reference")) is not None:
         result.error = error
         return result
     if not result_file.is_file():
@@ -420,10 +420,10 @@ def run_reference(workload: Workload, directory: Path, launcher: Launcher) -> Si
         "fit": outcome["fit_end"] - process.started,
         "test": process.started + process.wall_s - outcome["fit_end"],
     }
-    return _finish(result, outcome["metrics"], f"reference ({result_file})")
+    return finish_metrics(result, outcome["metrics"], f"reference ({result_file})")
 
 
-def _finish(result: SideResult, values: dict[str, float], source: str) -> SideResult:
+def finish_metrics(result: SideResult, values: dict[str, float], source: str) -> SideResult:
     """Keep the reported metrics; fail when a required one is missing or not a finite number."""
     result.metrics = {name: float(values[name]) for name in KEPT_METRICS if name in values}
     bad = [name for name in REQUIRED_METRICS if not math.isfinite(result.metrics.get(name, math.nan))]
@@ -434,7 +434,7 @@ def _finish(result: SideResult, values: dict[str, float], source: str) -> SideRe
     return result
 
 
-def _process_error(run: ProcessRun, what: str) -> str | None:
+def process_error(run: ProcessRun, what: str) -> str | None:
     """One line describing a failed process, or None if it exited 0."""
     if run.timed_out:
         return f"{what}: killed after running past the timeout ({run.wall_s:.0f} s); see {run.stderr_path}"

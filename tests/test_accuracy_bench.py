@@ -109,12 +109,12 @@ def test_variants_and_overrides_are_data() -> None:
             "--variant",
             "topk=--merge.image_score topk_map --merge.top_k 0.01",
             "--variants",
-            "max_map,topk",
+            "raw_max,topk",
             "--train-override",
             "TrainModels.calibration_share=0.2",
         ]
     )
-    assert args.variant_names == ["max_map", "topk"]
+    assert args.variant_names == ["raw_max", "topk"]
     assert args.variant_table["topk"] == ["--merge.image_score", "topk_map", "--merge.top_k", "0.01"]
     assert args.overrides == (("TrainModels.calibration_share", 0.2),)
     assert accuracy.ours_tag(args.overrides).startswith("ours-")
