@@ -18,19 +18,20 @@ from typing import Any
 
 from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
 from anomalib_tiled.configfile import as_yaml_value
-from anomalib_tiled.merging import merged_batches
+from anomalib_tiled.merging import ImageScore, merged_batches
 from anomalib_tiled.models import ModelFactory
 from anomalib_tiled.outputs import OutputWriter, Prediction, Sink, stream
 from anomalib_tiled.progress import ProgressListener, Task
 from anomalib_tiled.report import ReportCollector, render_report
 from anomalib_tiled.run import RunDirectory
 from anomalib_tiled.runconfig import RunConfig
-from anomalib_tiled.settings import EnsembleSettings
+from anomalib_tiled.settings import EnsembleSettings, PostProcessingSettings
 from anomalib_tiled.sources import DatasetSource, FileSource, collect_images
 from anomalib_tiled.splits import SplitCache, SplitRecord, split_fingerprint
 from anomalib_tiled.store import run_store
 from anomalib_tiled.tile_jobs import TileContext, TileSplit
 from anomalib_tiled.tile_loop import TileLoop
+from anomalib_tiled.tile_scaling import TileScaling
 from anomalib_tiled.tiling import TilePosition
 from anomalib_tiled.validation import check_calibration_source, check_settings, check_tile_scaling
 
@@ -162,11 +163,22 @@ def run_summary(predictor: SplitPredictor) -> dict[str, Any]:
             "thresholding": f"{post.thresholding.method} at {as_yaml_value(post.thresholding.stage)} stage",
             "seam smoothing": post.seam_smoothing.apply,
             "blending": as_yaml_value(post.merge.blending),
-            "image score": as_yaml_value(post.merge.image_score),
+            "image score": _image_score(post),
+            "tile calibration": _tile_calibration(post, settings.training.calibration_share),
         },
         "seed": settings.training.seed,
         "versions": {name: metadata.version(name) for name in ("anomalib-tiled", "anomalib", "torch", "lightning")},
     }
+
+
+def _image_score(post: PostProcessingSettings) -> str:
+    name = as_yaml_value(post.merge.image_score)
+    return f"{name} (top {post.merge.top_k:.2%} of pixels)" if post.merge.image_score == ImageScore.TOPK_MAP else name
+
+
+def _tile_calibration(post: PostProcessingSettings, share: float) -> str:
+    name = as_yaml_value(post.merge.calibration)
+    return name if post.merge.calibration == TileScaling.NONE else f"{name} ({share:.0%} of training images held out)"
 
 
 def write_report(
