@@ -56,7 +56,10 @@ def aggregate(cells: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], Ro
     for cell in cells:
         if "unreadable" in cell:
             continue
+        # Runs of ours trained with other settings are rows of their own.
+        trained = ", ".join(f"{key.rpartition('.')[2]}={value}" for key, value in cell.get("train_overrides") or [])
         for label, row in cell["rows"].items():
+            label = f"{label} ({trained})" if trained else label  # noqa: PLW2901 - the row's full name
             stats = tables[cell["dataset"]].setdefault((cell["model"], label), RowStats())
             if row.get("ok"):
                 stats.seeds.append(cell["seed"])
@@ -76,10 +79,46 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(finite):.3f} ± {spread:.3f}"
 
 
+PIXEL_AUROC_SLACK = 0.002
+"""How far below upstream's mean pixel AUROC ours may be and still meet the target (issue #12)."""
+
+
+def _mean(stats: RowStats | None, name: str) -> float:
+    values = [v for v in (stats.values.get(name, []) if stats else []) if math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def targets(tables: dict[str, dict[tuple[str, str], RowStats]]) -> list[tuple[str, int, int, int, int, float]]:
+    """Per variant of ours: in how many (dataset, model) pairs its means meet each target against upstream.
+
+    Returns:
+        ``(label, pairs, image AUROC >= upstream, pixel AUROC >= upstream - 0.002, AUPRO >= upstream,
+        mean image AUROC over the pairs)`` sorted by targets met, then mean image AUROC.
+    """
+    counts: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0.0])
+    for rows in tables.values():
+        for (model, label), stats in rows.items():
+            upstream = rows.get((model, "upstream"))
+            if not label.startswith("ours") or upstream is None or not stats.seeds:
+                continue
+            entry = counts[label]
+            entry[0] += 1
+            entry[1] += _mean(stats, "image_AUROC") >= _mean(upstream, "image_AUROC")
+            entry[2] += _mean(stats, "pixel_AUROC") >= _mean(upstream, "pixel_AUROC") - PIXEL_AUROC_SLACK
+            entry[3] += _mean(stats, "pixel_AUPRO") >= _mean(upstream, "pixel_AUPRO")
+            entry[4] += _mean(stats, "image_AUROC")
+    result = [(label, int(a), int(b), int(c), int(d), e / a) for label, (a, b, c, d, e) in counts.items()]
+    return sorted(result, key=lambda row: (-(row[2] + row[3] + row[4]), -row[5], row[0]))
+
+
 def render(tables: dict[str, dict[tuple[str, str], RowStats]], cells: list[dict[str, Any]]) -> str:
-    """Markdown: one table per dataset, then its failed cells with their reasons."""
+    """Markdown: the targets met by each variant of ours, one table per dataset, failed cells with reasons."""
     note = "Mean ± sample std over seeds; `-`: no successful seed reported the metric."
-    lines = ["# Accuracy benchmark", "", note, ""]
+    lines = ["# Accuracy benchmark", "", note, "", "## Targets met against upstream (means over seeds)", ""]
+    lines.append("| ours variant | pairs | image AUROC ≥ | pixel AUROC ≥ -0.002 | AUPRO ≥ | mean image AUROC |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    lines += [f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]:.3f} |" for row in targets(tables)]
+    lines.append("")
     for dataset, rows in tables.items():
         lines += [f"## {dataset}", ""]
         lines.append("| model | side | " + " | ".join(title for _, title in COLUMNS) + " | seeds |")
