@@ -19,7 +19,7 @@ import torch
 
 from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
 from anomalib_tiled.merging import MergedBatch, merged_batches
-from anomalib_tiled.settings import PostProcessingSettings, ThresholdingConfig
+from anomalib_tiled.settings import MergeConfig, PostProcessingSettings, ThresholdingConfig
 from anomalib_tiled.splits import SplitRecord
 from anomalib_tiled.store import PredictionStore
 from anomalib_tiled.tiling import TileGrid
@@ -80,7 +80,12 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> tuple[SplitData, SplitDa
 
 
 def _post(norm: str, thr: str, **thresholding: object) -> PostProcessingSettings:
-    return PostProcessingSettings(normalization_stage=norm, thresholding=ThresholdingConfig(stage=thr, **thresholding))
+    # Raw tile values: these splits have no held-out normal images to learn tile scales from.
+    return PostProcessingSettings(
+        normalization_stage=norm,
+        thresholding=ThresholdingConfig(stage=thr, **thresholding),
+        merge=MergeConfig(calibration="none"),
+    )
 
 
 def _merge(split: SplitData, post: PostProcessingSettings, calibrations: Calibrations | None) -> MergedBatch:
