@@ -36,6 +36,7 @@ import yaml
 
 from benchmarks.accuracy_data import DATASETS, BenchDataset, DatasetUnavailableError, build
 from benchmarks.accuracy_report import write_tables
+from benchmarks.compare_upstream import parse_choices
 from benchmarks.sides import (
     CHILDREN,
     Launcher,
@@ -70,15 +71,6 @@ BASE_OURS_OVERRIDES: tuple[tuple[str, Any], ...] = (("visualization.save", False
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-def _csv(text: str, allowed: Sequence[str], option: str) -> list[str]:
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown or not items:
-        msg = f"{option}: unknown value(s) {unknown or text!r}; use a comma-separated subset of {','.join(allowed)}"
-        raise ValueError(msg)
-    return list(dict.fromkeys(items))
 
 
 def _pairs(entries: list[str], option: str) -> list[tuple[str, str]]:
@@ -127,12 +119,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="only rebuild accuracy.md from the cell files")
     args = parser.parse_args(argv)
     try:
-        args.dataset_names = _csv(args.datasets, DATASETS, "--datasets")
-        args.model_names = _csv(args.models, list(MODELS), "--models")
-        args.side_names = _csv(args.sides, SIDES, "--sides")
+        args.dataset_names = parse_choices(args.datasets, DATASETS, "--datasets")
+        args.model_names = parse_choices(args.models, list(MODELS), "--models")
+        args.side_names = parse_choices(args.sides, SIDES, "--sides")
         args.seed_list = _seeds(args.seeds)
         args.variant_table = {**VARIANTS, **{k: shlex.split(v) for k, v in _pairs(args.variant, "--variant")}}
-        args.variant_names = _csv(args.variants, list(args.variant_table), "--variants")
+        args.variant_names = parse_choices(args.variants, list(args.variant_table), "--variants")
         args.overrides = tuple((k, yaml.safe_load(v)) for k, v in _pairs(args.train_override, "--train-override"))
     except (ValueError, yaml.YAMLError) as error:
         parser.error(str(error).splitlines()[0])

@@ -149,7 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         default = QUICK_SCENARIOS if args.quick else ALL_SCENARIOS
-        args.scenario_ids = _choices(args.scenarios or ",".join(default), ALL_SCENARIOS, "--scenarios")
+        chosen = parse_choices(args.scenarios or ",".join(default), ALL_SCENARIOS, "--scenarios")
+        args.scenario_ids = [item for item in ALL_SCENARIOS if item in chosen]
         args.copy_counts = _counts(args.copies or ("1,2" if args.quick else "1,2,4"), "--copies")
     except ValueError as error:
         parser.error(str(error))
@@ -167,13 +168,18 @@ def _counts(text: str, option: str) -> list[int]:
     return counts
 
 
-def _choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
+def parse_choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
+    """The comma-separated items of ``text``, in the order given, each once.
+
+    Raises:
+        ValueError: Naming ``option`` when an item is not in ``allowed`` or there is none.
+    """
     items = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [item for item in items if item not in allowed]
     if unknown or not items:
         msg = f"{option}: unknown value(s) {unknown or text!r}; use a comma-separated subset of {','.join(allowed)}"
         raise ValueError(msg)
-    return [item for item in allowed if item in items]
+    return list(dict.fromkeys(items))
 
 
 def geometry(args: argparse.Namespace) -> Geometry:
