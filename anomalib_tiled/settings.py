@@ -135,8 +135,9 @@ class MergeConfig:
     """
 
     blending: BlendingName | Blending = "mean"
-    image_score: ImageScoreName | ImageScore = "max_map"
-    calibration: TileScalingName | TileScaling = "none"
+    # Defaults chosen by the accuracy matrix (docs/benchmarks.md), not by taste.
+    image_score: ImageScoreName | ImageScore = "topk_map"
+    calibration: TileScalingName | TileScaling = "normal_quantile"
     top_k: float = 0.01
 
     def __post_init__(self) -> None:
@@ -202,7 +203,7 @@ class TrainingSettings:
     grid: TileGrid
     seed: int = 42
     trainer: dict[str, Any] = field(default_factory=dict)
-    calibration_share: float = 0.0
+    calibration_share: float = 0.2
 
     def __post_init__(self) -> None:
         if not 0 <= self.calibration_share < 1:
