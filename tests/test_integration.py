@@ -16,6 +16,7 @@ from PIL import Image
 
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
+from anomalib_tiled.splits import SplitRecord
 from anomalib_tiled.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 
@@ -211,7 +212,8 @@ def test_fastflow_with_early_stopping_on_pixel_auroc(dataset_root: Path, tmp_pat
     }
     assert main(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg))]) == 0
     run = next((tmp_path / "results").glob("Fastflow/MVTecAD/*/v0"))
-    steps_per_epoch = -(-10 // 4)  # 10 training images, batches of 4
+    fitted = len(SplitRecord.load(run / "splits" / "train"))  # 8: 2 of the 10 are held out to calibrate
+    steps_per_epoch = -(-fitted // 4)  # batches of 4
     for tile in json.loads((run / "manifest.json").read_text())["tiles"]:
         checkpoint = _checkpoint(run, tile)
         assert checkpoint["epoch"] == patience + 1 < max_epochs, tile
