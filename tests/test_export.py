@@ -163,6 +163,7 @@ def test_resize_is_torchvisions_antialiased_resize() -> None:
         assert torch.allclose(resize_antialiased(images, (100, 80)), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # trains the shared run and exports all three backends
 def test_large_onnx_artifacts_keep_their_weights_outside_the_protobuf(
     padim: tuple, trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
