@@ -8,8 +8,10 @@ evaluated, resumed or applied. :func:`check_frozen` is the one place that decide
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentError
 
 from anomalib_tiled.configfile import (
@@ -34,6 +36,19 @@ FROZEN_KEYS = (
     "merge.blending",
 )
 """Config keys a trained run fixes."""
+
+PRE_CALIBRATION_VALUES = (("TrainModels.calibration_share", "0"), ("merge.calibration", "none"))
+"""What runs written before tile calibration existed (version 0.1, whose ``config.yaml`` lacks these
+keys) were trained and merged with: they hold no images out, so they merge raw tiles."""
+
+
+def run_config_args(path: Path) -> list[str]:
+    """``--config <a run's config.yaml>``, plus the values of the keys an older run does not record."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    args = ["--config", str(path)]
+    if "calibration_share" not in (config.get("TrainModels") or {}):
+        args += [f"--{key}={value}" for key, value in PRE_CALIBRATION_VALUES]
+    return args
 
 
 @dataclass
@@ -72,7 +87,7 @@ def read_run_config(run: RunDirectory) -> RunConfig:
     """
     parser = settings_parser()
     try:
-        cfg = parser.parse_args(["--config", str(run.config_path)])
+        cfg = parser.parse_args(run_config_args(run.config_path))
     except ArgumentError as error:
         msg = f"{run.config_path}: {condense_parser_error(str(error), parser)}"
         raise ConfigError(msg) from None

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
 from anomalib_tiled.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE
@@ -114,3 +116,22 @@ def test_train_console_is_quiet_and_reports_each_tile(dataset_root: Path, tmp_pa
     summary = stderr.strip().splitlines()[-3:]
     assert summary[0].startswith("Metrics: image_AUROC ") and summary[1].startswith("Run: ")
     assert summary[2].startswith("Report: ") and Path(summary[2].removeprefix("Report: ")).is_file()
+
+
+@pytest.mark.slow
+def test_a_run_written_before_tile_calibration_is_still_evaluated_with_raw_tiles(
+    run_copy: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Version 0.1 runs hold no images out and their config.yaml lacks the new keys."""
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    del config["TrainModels"]["calibration_share"], config["merge"]["calibration"], config["merge"]["top_k"]
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    del manifest["splits"]["calibration"]
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    assert main(["eval", "--root", str(run_copy)]) == 0
+    assert json.loads((_latest(run_copy / "eval") / "stats.json").read_text())["normal"] is None
+    assert TiledEnsembleEngine.from_run(run_copy).settings.training.calibration_share == 0
+    assert main(["eval", "--root", str(run_copy), "--merge.calibration", "normal_quantile"]) == 2
+    assert "but the run holds none out" in capsys.readouterr().err

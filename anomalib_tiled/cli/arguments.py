@@ -19,6 +19,7 @@ from anomalib_tiled.configfile import add_execution_arguments, add_settings_argu
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.parse_errors import condense_parser_error
 from anomalib_tiled.run import RunDirectory
+from anomalib_tiled.runconfig import run_config_args
 
 ROOT_HELP = "Run directory printed by 'anomalib tiled train'."
 
@@ -96,9 +97,9 @@ def parse_args(command: str, args: list[str]) -> Namespace:
     """
     parser = build_parser(command)
     if command == "eval" and (root := _argument(args, "--root")) is not None:
-        args = ["--config", str(RunDirectory.open(root).config_path), *args]
+        args = [*run_config_args(RunDirectory.open(root).config_path), *args]
     if command == "train" and (root := _argument(args, "--resume")) is not None:
-        args = ["--config", str(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
+        args = [*run_config_args(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
     if command == "predict" and (root := _argument(args, "--root")) is not None:
         # Like every unset predict option, the execution keys default to the run's own.
         config = yaml.safe_load(RunDirectory.open(root).config_path.read_text(encoding="utf-8"))
