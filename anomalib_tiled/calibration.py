@@ -158,8 +158,8 @@ class Calibrator:
         scales = None
         if post.merge.calibration != TileScaling.NONE:
             assert normal is not None, "check_tile_scaling guarantees a calibration split"
-            stats["normal"] = [self._learn_scale(position, *normal, seed).to_dict() for position in self.grid]
-            scales = Calibrations.from_stats(stats, post).scales
+            scales = TileScales([self._learn_scale(position, *normal, seed) for position in self.grid])
+            stats["normal"] = [scale.to_dict() for scale in scales.scales]
         if post.normalization_stage == NormalizationStage.TILE or tile_stage:
             stats["tile"] = [self._learn_tile(position, record, store, scales).to_dict() for position in self.grid]
         image_norm = post.normalization_stage == NormalizationStage.IMAGE

@@ -98,7 +98,7 @@ def _add_train_models_arguments(parser: ArgumentParser, *, require_model: bool) 
     parser.add_argument(
         "--TrainModels.calibration_share",
         type=float,
-        default=0.2,
+        default=TrainingSettings.calibration_share,
         help="Fraction of training images held out of fitting to calibrate tile scales (merge.calibration).",
     )
 
