@@ -20,17 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_tiled.configfile import object_spec
+from anomalib_tiled.config.format import object_spec, tile_grid
 from anomalib_tiled.errors import RunDirectoryError
-from anomalib_tiled.evaluation import evaluate, resolve_test_split
+from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.export import export_run
-from anomalib_tiled.inference import SplitPredictor, predict_images
-from anomalib_tiled.models import ModelFactory
-from anomalib_tiled.outputs import Prediction
 from anomalib_tiled.progress import ProgressListener
-from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config
-from anomalib_tiled.session import RunLog, RunSession, create_run, resume_run
+from anomalib_tiled.run.config import RunConfig, check_frozen, read_run_config
+from anomalib_tiled.run.directory import RunDirectory
+from anomalib_tiled.run.session import RunLog, RunSession, create_run, resume_run
 from anomalib_tiled.settings import (
     EnsembleSettings,
     ExecutionSettings,
@@ -44,10 +41,13 @@ from anomalib_tiled.settings import (
     ThresholdStage,
     TrainingSettings,
     VisualizationConfig,
-    tile_grid,
 )
+from anomalib_tiled.sinks.outputs import Prediction
+from anomalib_tiled.stages.common import SplitPredictor
+from anomalib_tiled.stages.evaluate import evaluate, resolve_test_split
+from anomalib_tiled.stages.predict import predict_images
+from anomalib_tiled.stages.train import TrainingPlan
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.training import TrainingPlan
 
 
 class TiledEnsembleEngine:
@@ -66,7 +66,7 @@ class TiledEnsembleEngine:
         threshold_stage: ``image`` or ``tile`` (ignored when ``thresholding`` is a ThresholdingConfig).
         seam_smoothing: ``True``/``False`` or a :class:`~anomalib_tiled.settings.SeamSmoothingConfig`.
         blending: ``mean``, ``hann`` or ``gaussian``.
-        image_score, calibration, top_k: Image score, tile scaling and top-k fraction (see ``MergeConfig``).
+        image_score, tile_scaling, top_k: Image score, tile scaling and top-k fraction (see ``MergeConfig``).
         calibration_share: Fraction of training images held out of fitting to learn the tile scaling.
         image_metrics: Image metric names or specs (default ``AUROC``, ``F1Score``).
         pixel_metrics: Pixel metric names or specs (default ``AUROC``, ``F1Score``).
@@ -92,7 +92,7 @@ class TiledEnsembleEngine:
         seam_smoothing: bool | SeamSmoothingConfig = False,
         blending: str = MergeConfig.blending,
         image_score: str = MergeConfig.image_score,
-        calibration: str = MergeConfig.calibration,
+        tile_scaling: str = MergeConfig.tile_scaling,
         calibration_share: float = TrainingSettings.calibration_share,
         top_k: float = MergeConfig.top_k,
         image_metrics: Sequence[str | dict] | None = None,
@@ -115,7 +115,7 @@ class TiledEnsembleEngine:
                 normalization_stage=normalization_stage,
                 thresholding=thresholding,
                 seam_smoothing=seam_smoothing,
-                merge=MergeConfig(blending, image_score, calibration, top_k),
+                merge=MergeConfig(blending, image_score, tile_scaling, top_k),
                 metrics=MetricsConfig(**{level: list(specs) for level, specs in metrics.items() if specs is not None}),
                 visualization=visualization or VisualizationConfig(),
             ),
@@ -237,7 +237,7 @@ class TiledEnsembleEngine:
         predictor = self._predictor(None)
         with RunLog(predictor.context.run.log_path):
             out = Path(output) if output is not None else predictor.context.run.new_output_dir("predict")
-            return predict_images(predictor, data_path, out, self.progress)
+            return predict_images(predictor, data_path, out)
 
     def export(self, export_format: str = "openvino", **options: Any) -> Path:
         """Export the trained run as one deployable artifact (options: :func:`~anomalib_tiled.export.export_run`)."""

@@ -11,7 +11,7 @@ The settings are split by what may change once a run is trained:
   run trained on a GPU server is evaluated on a CPU.
 
 Construction checks only values (ranges, enum names): no I/O, no imports of heavy libraries and no
-hardware checks. Those run just before work, in :mod:`anomalib_tiled.validation`.
+hardware checks. Those run just before work, in :mod:`anomalib_tiled.config.checks`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 from anomalib_tiled.errors import ConfigError, did_you_mean
-from anomalib_tiled.merging import ImageScore
-from anomalib_tiled.tile_scaling import TileScaling
 from anomalib_tiled.tiling import Blending, TileGrid
 
 
@@ -41,6 +39,23 @@ class ThresholdStage(str, Enum):
 
     TILE = "tile"
     IMAGE = "image"
+
+
+class ImageScore(str, Enum):
+    """How the image anomaly score is pooled from tile predictions."""
+
+    MAX_MAP = "max_map"
+    TOPK_MAP = "topk_map"
+    MEAN_TILES = "mean_tiles"
+    MAX_TILES = "max_tiles"
+
+
+class TileScaling(str, Enum):
+    """How tile predictions are put on a common scale before merging (``merge.tile_scaling``)."""
+
+    NONE = "none"
+    NORMAL_ZSCORE = "normal_zscore"
+    NORMAL_QUANTILE = "normal_quantile"
 
 
 # Config-file spellings of the enums (jsonargparse parses enums by member name, the guide uses values).
@@ -128,8 +143,8 @@ class MergeConfig:
         image_score: ``max_map`` (max of the merged map, like anomalib models), ``topk_map`` (mean
             of the ``top_k`` highest merged-map pixels), ``mean_tiles`` or ``max_tiles`` (mean or
             max of the tile scores).
-        calibration: Put every tile model on a common scale before merging, learned from normal
-            images held out of training (``TrainModels.calibration_share``): ``normal_zscore``,
+        tile_scaling: Put every tile model on a common scale before merging, learned from the
+            normal images held out of fitting (``TrainModels.calibration_share``): ``normal_zscore``,
             ``normal_quantile`` or ``none`` (raw values).
         top_k: Fraction of the merged map's pixels ``topk_map`` averages, in (0, 1].
     """
@@ -137,13 +152,13 @@ class MergeConfig:
     blending: BlendingName | Blending = "mean"
     # Defaults chosen by the accuracy matrix (docs/benchmarks.md), not by taste.
     image_score: ImageScoreName | ImageScore = "topk_map"
-    calibration: TileScalingName | TileScaling = "normal_quantile"
+    tile_scaling: TileScalingName | TileScaling = "normal_quantile"
     top_k: float = 0.01
 
     def __post_init__(self) -> None:
         self.blending = enum_value(Blending, self.blending, "merge.blending")
         self.image_score = enum_value(ImageScore, self.image_score, "merge.image_score")
-        self.calibration = enum_value(TileScaling, self.calibration, "merge.calibration")
+        self.tile_scaling = enum_value(TileScaling, self.tile_scaling, "merge.tile_scaling")
         if not 0 < self.top_k <= 1:
             msg = f"merge.top_k: must be a fraction of the pixels in (0, 1], got {self.top_k}"
             raise ConfigError(msg)
@@ -197,7 +212,7 @@ class TrainingSettings:
         trainer: Lightning Trainer arguments for every tile model (``callbacks`` and ``logger`` as
             class specs or objects).
         calibration_share: Fraction of the training images held out of fitting, on which every tile
-            model's normal variation is measured (``merge.calibration``); 0 fits on all of them.
+            model's normal variation is measured (``merge.tile_scaling``); 0 fits on all of them.
     """
 
     grid: TileGrid
@@ -342,18 +357,6 @@ class EnsembleSettings:
         return self.training.grid
 
 
-def tile_grid(image_size: Any, tile_size: Any, stride: Any) -> TileGrid:
-    """The tile grid of these sizes (``n`` or ``(h, w)`` each; ``stride`` None: no overlap).
-
-    Raises:
-        ConfigError: Naming the size that does not fit.
-    """
-    try:
-        return TileGrid.create(image_size, tile_size, stride)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
 def enum_value(enum_cls: type[Enum], value: Any, key: str) -> Any:
     """``value`` as a member of ``enum_cls``.
 
@@ -393,8 +396,4 @@ def from_dict(cls: type[T], value: T | dict[str, Any], key: str) -> T:
 
 
 def _as_list(value: Any) -> list:
-    if value is None:
-        return []
-    if isinstance(value, str | dict):
-        return [value]
-    return list(value)
+    return [] if value is None else [value] if isinstance(value, str | dict) else list(value)

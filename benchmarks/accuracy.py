@@ -60,7 +60,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "padim_random": {"class_path": "Padim", "init_args": {"backbone": "resnet18", "pre_trained": False}},
 }
 VARIANTS: dict[str, list[str]] = {
-    f"{scaling}_{pooling}": ["--merge.calibration", calibration, "--merge.image_score", image_score]
+    f"{scaling}_{pooling}": ["--merge.tile_scaling", calibration, "--merge.image_score", image_score]
     for scaling, calibration in (("raw", "none"), ("z", "normal_zscore"), ("q", "normal_quantile"))
     for pooling, image_score in (("max", "max_map"), ("topk", "topk_map"), ("mean", "mean_tiles"))
 }

@@ -57,8 +57,8 @@ def measure(variant: str, images: int, batch_size: int, side: int) -> dict[str, 
     """
     from anomalib.metrics import AUPRO  # noqa: PLC0415 - imported in the child only
 
-    from anomalib_tiled.merging import MergedBatch  # noqa: PLC0415
-    from anomalib_tiled.metrics import build_metric  # noqa: PLC0415
+    from anomalib_tiled.merge.merging import MergedBatch  # noqa: PLC0415
+    from anomalib_tiled.sinks.metrics import build_metric  # noqa: PLC0415
 
     fields = ["anomaly_map", "gt_mask"]
     metric = AUPRO(fields=fields) if variant == "exact" else build_metric("AUPRO", "pixel", "bench", (0.0, 1.0))

@@ -130,7 +130,7 @@ def _copy(source: Path, target: Path) -> None:
 
 def make_synthetic(destination: Path, size: int, n_train: int, n_test_good: int, n_test_defect: int, seed: int) -> Path:
     """Write the package's synthetic dataset (category ``texture``) and return its category folder."""
-    from anomalib_tiled.synthetic import make_dataset  # noqa: PLC0415 - only the quick mode needs it
+    from anomalib_tiled.data.synthetic import make_dataset  # noqa: PLC0415 - only the quick mode needs it
 
     return make_dataset(
         destination, size=size, n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect, seed=seed

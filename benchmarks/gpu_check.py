@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch  # noqa: PLC0415 - only to see whether a GPU is here
 
-    from anomalib_tiled.synthetic import make_dataset  # noqa: PLC0415
+    from anomalib_tiled.data.synthetic import make_dataset  # noqa: PLC0415
 
     gpu = torch.cuda.is_available()
     work = args.out or Path(tempfile.mkdtemp(prefix="anomalib-tiled-gpu-check-"))

@@ -1,7 +1,7 @@
 """Start-up hook: load ``anomalib.plugins`` pipelines into anomalib's CLI (docs/plugins.md).
 
 Imported by every Python process (``anomalib_tiled_autoload.pth``/``.start``): keep it tiny and
-import nothing that start-up has not loaded already; the work is in ``anomalib_tiled._autoload``.
+import nothing that start-up has not loaded already; the work is in ``anomalib_tiled.integration.autoload``.
 """
 
 import os
@@ -29,7 +29,7 @@ class PipelineRegistryFinder:
         # One shot; off the list before the real finders run so nothing can call back into us.
         uninstall()
         try:
-            from anomalib_tiled._autoload import registering_spec  # noqa: PLC0415
+            from anomalib_tiled.integration.autoload import registering_spec  # noqa: PLC0415
 
             return registering_spec(fullname, path, target)
         except Exception as error:  # noqa: BLE001 - never break importing anomalib

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from anomalib_tiled.synthetic import CATEGORY, make_dataset
+from anomalib_tiled.data.synthetic import CATEGORY, make_dataset
 
 # Tests never download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

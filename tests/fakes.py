@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anomalib_tiled.npyfile import NpyFile
-from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.store import PredictionStore
+from anomalib_tiled.data.npyfile import NpyFile
+from anomalib_tiled.data.splits import SplitRecord
+from anomalib_tiled.run.store import PredictionStore
 
 
 def write_tile(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from anomalib_tiled.cli import main
+from anomalib_tiled.data.splits import SplitRecord
+from anomalib_tiled.data.synthetic import CATEGORY, make_dataset
 from anomalib_tiled.export import export_run
-from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.synthetic import CATEGORY, make_dataset
 from tests.conftest import IMAGE_SIZE, base_config, write_config
 from tests.test_export import assert_parity, run_based_predict
 
@@ -20,7 +20,7 @@ def calibrated_run(dataset_root: Path, tmp_path_factory: pytest.TempPathFactory)
     """A 2x2 run holding 3 of its 10 training images out, merged with z-scored tiles and top-k scores."""
     work = tmp_path_factory.mktemp("calibrated")
     config = base_config(
-        dataset_root, work / "results", merge={"calibration": "normal_zscore", "image_score": "topk_map"}
+        dataset_root, work / "results", merge={"tile_scaling": "normal_zscore", "image_score": "topk_map"}
     )
     config["TrainModels"]["calibration_share"] = 0.3
     config["TrainModels"]["metrics"]["pixel"] = ["AUROC"]
@@ -47,9 +47,9 @@ def test_held_out_images_are_never_fitted_and_calibrate_every_tile(calibrated_ru
 
 @pytest.mark.slow
 def test_a_run_is_re_evaluated_with_another_scaling_and_pooling(calibrated_run: Path) -> None:
-    args = ["eval", "--root", str(calibrated_run), "--merge.calibration", "normal_quantile"]
+    args = ["eval", "--root", str(calibrated_run), "--merge.tile_scaling", "normal_quantile"]
     assert main([*args, "--merge.image_score", "mean_tiles"]) == 0
-    assert main(["eval", "--root", str(calibrated_run), "--merge.calibration", "none"]) == 0
+    assert main(["eval", "--root", str(calibrated_run), "--merge.tile_scaling", "none"]) == 0
     evaluations = [calibrated_run / "eval" / f"v{index}" for index in (1, 2)]
     quantile, raw = (json.loads((folder / "stats.json").read_text()) for folder in evaluations)
     assert quantile["normal"] is not None and raw["normal"] is None
@@ -66,11 +66,11 @@ def test_the_held_out_share_is_frozen(calibrated_run: Path, capsys: pytest.Captu
 def test_scaling_without_a_held_out_share_fails_before_any_work(
     dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    config = base_config(dataset_root, tmp_path / "results", merge={"calibration": "normal_quantile"})
+    config = base_config(dataset_root, tmp_path / "results", merge={"tile_scaling": "normal_quantile"})
     config["TrainModels"]["calibration_share"] = 0.0
     assert main(["train", "--config", str(write_config(tmp_path / "config.yaml", config))]) == 2
     err = capsys.readouterr().err
-    assert "error: merge.calibration: normal_quantile learns each tile's scale" in err
+    assert "error: merge.tile_scaling: normal_quantile learns each tile's scale" in err
     assert not (tmp_path / "results").exists()
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_tiled.calibration import Calibrations, Calibrator, build_merger
-from anomalib_tiled.merging import MergedBatch, merged_batches
+from anomalib_tiled.data.splits import SplitRecord
+from anomalib_tiled.merge.merging import MergedBatch, build_merger, merged_batches
+from anomalib_tiled.merge.statistics import Statistics, StatisticsPolicy
+from anomalib_tiled.run.store import PredictionStore
 from anomalib_tiled.settings import MergeConfig, PostProcessingSettings, ThresholdingConfig
-from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.store import PredictionStore
 from anomalib_tiled.tiling import TileGrid
 from tests.fakes import make_record, write_tile
 
@@ -84,12 +84,12 @@ def _post(norm: str, thr: str, **thresholding: object) -> PostProcessingSettings
     return PostProcessingSettings(
         normalization_stage=norm,
         thresholding=ThresholdingConfig(stage=thr, **thresholding),
-        merge=MergeConfig(calibration="none"),
+        merge=MergeConfig(tile_scaling="none"),
     )
 
 
-def _merge(split: SplitData, post: PostProcessingSettings, calibrations: Calibrations | None) -> MergedBatch:
-    batches = list(merged_batches(split.record, split.store.reader(TILES), build_merger(GRID, post), calibrations))
+def _merge(split: SplitData, post: PostProcessingSettings, statistics: Statistics | None) -> MergedBatch:
+    batches = list(merged_batches(split.record, split.store.reader(TILES), build_merger(GRID, post), statistics))
     fields = {}
     for name in ("anomaly_map", "pred_score", "pred_mask", "pred_label", "gt_mask", "gt_label", "tile_scores"):
         values = [getattr(batch, name) for batch in batches]
@@ -103,13 +103,13 @@ def test_clean_and_anomalous_images_are_told_apart_in_every_combination(
 ) -> None:
     validation, test = splits
     post = _post(norm, thr)
-    stats = Calibrator(GRID, post).learn(validation.record, validation.store)
+    stats = StatisticsPolicy(GRID, post).learn(validation.record, validation.store)
     assert stats["split"] == validation.record.fingerprint
     assert (stats["tile"] is not None) == ("tile" in (norm, thr))
     assert (stats["image"] is not None) == ("image" in (norm, thr))
     json.dumps(stats, allow_nan=False)  # stats.json holds no NaN (unlearned values are null)
 
-    merged = _merge(test, post, Calibrations.from_stats(stats, post))
+    merged = _merge(test, post, Statistics.from_stats(stats, post))
     assert merged.pred_label.tolist() == [False, True, True]
     assert merged.gt_label.tolist() == [False, True, True]
     assert torch.equal(merged.gt_mask, torch.from_numpy(test.masks))
@@ -125,9 +125,9 @@ def test_clean_and_anomalous_images_are_told_apart_in_every_combination(
 def test_tile_stage_labels_are_any_tile_above_its_own_threshold(splits: tuple[SplitData, SplitData], norm: str) -> None:
     validation, test = splits
     post = _post(norm, "tile")
-    stats = Calibrator(GRID, post).learn(validation.record, validation.store)
-    calibrations = Calibrations.from_stats(stats, post)
-    assert calibrations.image_threshold is None  # no threshold on merged scores
+    stats = StatisticsPolicy(GRID, post).learn(validation.record, validation.store)
+    statistics = Statistics.from_stats(stats, post)
+    assert statistics.image_threshold is None  # no threshold on merged scores
     thresholds = np.array([tile["image_threshold"] for tile in stats["tile"]])
     # Each tile's threshold sits between its clean and its anomalous validation scores, on its own scale.
     val_scores = validation.tile_scores()
@@ -137,7 +137,7 @@ def test_tile_stage_labels_are_any_tile_above_its_own_threshold(splits: tuple[Sp
         assert val_scores[~anomalous, index].max() < thresholds[index] <= val_scores[anomalous, index].min()
     assert thresholds[3] > thresholds[0]  # the tile models' raw scales differ, so do their thresholds
 
-    merged = _merge(test, post, calibrations)
+    merged = _merge(test, post, statistics)
     tile_anomalous = test.tile_scores() > thresholds  # raw tile scores against raw tile thresholds
     assert tile_anomalous.sum(axis=1).tolist() == [0, 1, 1]  # one anomalous tile is enough
     assert merged.pred_label.tolist() == tile_anomalous.any(axis=1).tolist()
@@ -151,7 +151,7 @@ def test_image_stage_thresholds_are_learned_on_raw_merged_values(
 ) -> None:
     validation, test = splits
     post = _post(norm, "image")
-    stats = Calibrator(GRID, post).learn(validation.record, validation.store)
+    stats = StatisticsPolicy(GRID, post).learn(validation.record, validation.store)
     image = stats["image"]
     val_scores = validation.maps.max(axis=(1, 2))
     anomalous = np.array(validation.record.labels, dtype=bool)
@@ -159,17 +159,17 @@ def test_image_stage_thresholds_are_learned_on_raw_merged_values(
     assert validation.maps[~validation.masks].max() < image["pixel_threshold"]
     assert image["pixel_threshold"] <= validation.maps[validation.masks].min() + 1e-3  # binned: one bin of slack
 
-    calibrations = Calibrations.from_stats(stats, post)
-    merged = _merge(test, post, calibrations)
+    statistics = Statistics.from_stats(stats, post)
+    merged = _merge(test, post, statistics)
     raw_scores = torch.from_numpy(test.maps).amax(dim=(-2, -1))
     assert torch.equal(merged.pred_label, raw_scores > image["image_threshold"])
     if norm == "none":
-        assert calibrations.image_threshold == pytest.approx(image["image_threshold"])
-        assert not calibrations.normalized
+        assert statistics.image_threshold == pytest.approx(image["image_threshold"])
+        assert not statistics.normalized
         torch.testing.assert_close(merged.pred_score, raw_scores)
         return
     # Image normalisation: anomalib's min-max centred on the threshold, which lands on 0.5.
-    assert calibrations.image_threshold == 0.5 and calibrations.normalized
+    assert statistics.image_threshold == 0.5 and statistics.normalized
     span = image["image_max"] - image["image_min"]
     expected = ((raw_scores - image["image_threshold"]) / span + 0.5).clamp(0, 1)
     torch.testing.assert_close(merged.pred_score, expected)
@@ -179,7 +179,7 @@ def test_image_stage_thresholds_are_learned_on_raw_merged_values(
         anomaly_map=torch.full((1, 8, 8), image["pixel_threshold"]),
         pred_score=torch.tensor([image["image_threshold"]]),
     )
-    calibrations.apply_to_images(at_threshold)
+    statistics.apply_to_images(at_threshold)
     assert float(at_threshold.pred_score) == pytest.approx(0.5)
     torch.testing.assert_close(at_threshold.anomaly_map, torch.full((1, 8, 8), 0.5))
 
@@ -189,16 +189,17 @@ def test_pixel_range_of_metrics_follows_the_scale_of_merged_maps(splits: tuple[S
     raw = (float(validation.maps.min()), float(validation.maps.max()))
     for norm, expected in (("none", raw), ("image", (0.0, 1.0)), ("tile", (0.0, 1.0))):
         post = _post(norm, "image")
-        calibrations = Calibrations.from_stats(Calibrator(GRID, post).learn(validation.record, validation.store), post)
-        assert calibrations.pixel_range(validation.store, GRID) == pytest.approx(expected)
+        learned = StatisticsPolicy(GRID, post).learn(validation.record, validation.store)
+        statistics = Statistics.from_stats(learned, post)
+        assert statistics.pixel_range(validation.store, GRID) == pytest.approx(expected)
 
 
 def test_a_manual_threshold_without_validation_predictions(splits: tuple[SplitData, SplitData]) -> None:
     _, test = splits
     post = _post("none", "image", method={"class_path": "ManualThreshold", "init_args": {"default_value": 3.0}})
-    stats = Calibrator(GRID, post).learn(None, None)
+    stats = StatisticsPolicy(GRID, post).learn(None, None)
     assert stats["split"] is None and stats["image"]["image_threshold"] == 3.0
-    merged = _merge(test, post, Calibrations.from_stats(stats, post))
+    merged = _merge(test, post, Statistics.from_stats(stats, post))
     assert merged.pred_label.tolist() == [False, True, True]
 
 
@@ -206,7 +207,7 @@ def test_reuse_or_learn_reuses_matching_stats_and_relearns_otherwise(
     splits: tuple[SplitData, SplitData], tmp_path: Path
 ) -> None:
     validation, _ = splits
-    calibrator = Calibrator(GRID, _post("image", "image"))
+    calibrator = StatisticsPolicy(GRID, _post("image", "image"))
     saved = calibrator.learn(validation.record, validation.store)
     saved["image"]["image_threshold"] = 123.0  # tell reused statistics from learned ones
 
@@ -219,7 +220,7 @@ def test_reuse_or_learn_reuses_matching_stats_and_relearns_otherwise(
     assert json.loads((tmp_path / "split" / "stats.json").read_text())["split"] == other_split.fingerprint
     assert relearned.image.image_threshold != 123.0
 
-    changed = Calibrator(GRID, _post("tile", "image"))
+    changed = StatisticsPolicy(GRID, _post("tile", "image"))
     assert changed.key != calibrator.key
     learned = changed.reuse_or_learn(saved, validation.record, validation.store, tmp_path)
     written = json.loads((tmp_path / "stats.json").read_text())

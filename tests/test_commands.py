@@ -15,7 +15,7 @@ import yaml
 
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
-from anomalib_tiled.synthetic import CATEGORY
+from anomalib_tiled.data.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,5 +133,5 @@ def test_a_run_written_before_tile_calibration_is_still_evaluated_with_raw_tiles
     assert main(["eval", "--root", str(run_copy)]) == 0
     assert json.loads((_latest(run_copy / "eval") / "stats.json").read_text())["normal"] is None
     assert TiledEnsembleEngine.from_run(run_copy).settings.training.calibration_share == 0
-    assert main(["eval", "--root", str(run_copy), "--merge.calibration", "normal_quantile"]) == 2
+    assert main(["eval", "--root", str(run_copy), "--merge.tile_scaling", "normal_quantile"]) == 2
     assert "but the run holds none out" in capsys.readouterr().err

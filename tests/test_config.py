@@ -11,10 +11,10 @@ import yaml
 
 from anomalib_tiled.cli import main
 from anomalib_tiled.cli.arguments import parse_args
-from anomalib_tiled.configfile import settings_from_namespace, spec_from_namespace
+from anomalib_tiled.config.format import settings_from_namespace, spec_from_namespace
+from anomalib_tiled.data.synthetic import make_dataset
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.settings import NormalizationStage, SeamSmoothingConfig, ThresholdStage
-from anomalib_tiled.synthetic import make_dataset
 from tests.conftest import base_config, write_config
 
 # The tiled-ensemble guide's config, as printed in the guide (anomalib 1.x names and keys included).

@@ -23,14 +23,14 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
+from anomalib_tiled.data.synthetic import make_dataset
 from anomalib_tiled.deploy import TiledInferencer
 from anomalib_tiled.errors import ConfigError, ExportError, RunDirectoryError
 from anomalib_tiled.export import export_run, read_metadata
 from anomalib_tiled.export.formats import save_onnx
 from anomalib_tiled.export.graph import check_exportable
 from anomalib_tiled.export.resize import resize_antialiased
-from anomalib_tiled.outputs import OutputWriter
-from anomalib_tiled.synthetic import make_dataset
+from anomalib_tiled.sinks.outputs import OutputWriter
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 
 FORMATS = ("torch", "onnx", "openvino")

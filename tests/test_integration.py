@@ -16,8 +16,8 @@ from PIL import Image
 
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
-from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.synthetic import CATEGORY
+from anomalib_tiled.data.splits import SplitRecord
+from anomalib_tiled.data.synthetic import CATEGORY
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 
 pytestmark = pytest.mark.slow  # every test here trains tile models (or reads the session's trained run)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 from anomalib_tiled.errors import ConfigError
-from anomalib_tiled.merging import MergedBatch
-from anomalib_tiled.metrics import MetricSuite, binned_confusion, binned_thresholds, build_metric
+from anomalib_tiled.merge.merging import MergedBatch
+from anomalib_tiled.sinks.metrics import MetricSuite, binned_confusion, binned_thresholds, build_metric
 
 
 @given(st.integers(1, 400), st.integers(2, 64), st.integers(0, 2**31 - 1))

@@ -51,7 +51,7 @@ def _assert_ships_hook(wheel_path: Path) -> None:
             assert name in names, f"{name} is not at the root of {wheel_path.name}"
             assert name in recorded, f"{name} is not in RECORD, so pip uninstall would leave it behind"
             assert archive.read(name) == (ROOT / "startup" / name).read_bytes()
-    assert "[anomalib.plugins]\ntiled = anomalib_tiled.plugins" in entry_points
+    assert "[anomalib.plugins]\ntiled = anomalib_tiled.integration.plugins" in entry_points
 
 
 @needs_hatchling

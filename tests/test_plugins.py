@@ -1,4 +1,4 @@
-"""Plugin discovery (``anomalib_tiled.plugins``) and the start-up hook that wires it into anomalib's CLI."""
+"""Plugin discovery (``anomalib_tiled.integration.plugins``) and the start-up hook that wires it into anomalib's CLI."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pytest
 from anomalib.cli import AnomalibCLI
 from anomalib.pipelines import Benchmark
 
-from anomalib_tiled import plugins
-from anomalib_tiled.pipeline import TiledPipeline
-from anomalib_tiled.plugins import PluginWarning, register_pipelines
+from anomalib_tiled.integration import plugins
+from anomalib_tiled.integration.pipeline import TiledPipeline
+from anomalib_tiled.integration.plugins import PluginWarning, register_pipelines
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK_SOURCE = ROOT / "startup" / "anomalib_tiled_autoload.py"
@@ -246,7 +246,7 @@ def test_hook_failure_warns_and_anomalib_still_imports(hook: ModuleType, monkeyp
 def test_hook_without_anomalib_tiled_warns_and_anomalib_still_imports(
     hook: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "anomalib_tiled._autoload", None)  # import fails
+    monkeypatch.setitem(sys.modules, "anomalib_tiled.integration.autoload", None)  # import fails
     hook.install()
     with pytest.warns(UserWarning, match="anomalib plugins not loaded: .*reinstall anomalib-tiled"):
         module = importlib.import_module("anomalib.cli.pipelines")

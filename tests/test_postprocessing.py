@@ -9,9 +9,9 @@ import torch
 from anomalib.data import ImageBatch
 from anomalib.post_processing import PostProcessor
 
-from anomalib_tiled.merging import MergedBatch, TileMerger, TilePredictions
-from anomalib_tiled.postprocessing import Calibration, CalibrationEstimator, apply_to_tiles
-from anomalib_tiled.smoothing import SeamSmoother
+from anomalib_tiled.merge.merging import MergedBatch, TileMerger, TilePredictions
+from anomalib_tiled.merge.smoothing import SeamSmoother
+from anomalib_tiled.merge.stage_stats import StageStats, StageStatsEstimator, apply_to_tiles
 from anomalib_tiled.tiling import TileGrid
 
 
@@ -31,7 +31,7 @@ def _validation() -> MergedBatch:
 
 def test_estimator_learns_min_max_and_a_separating_threshold() -> None:
     batch = _validation()
-    estimator = CalibrationEstimator("F1AdaptiveThreshold", normalize=True, pixel_range=(2.0, 5.1))
+    estimator = StageStatsEstimator("F1AdaptiveThreshold", normalize=True, pixel_range=(2.0, 5.1))
     estimator.update(batch)
     calibration = estimator.compute()
     assert calibration.pixel_min == pytest.approx(float(batch.anomaly_map.min()))
@@ -45,7 +45,7 @@ def test_estimator_learns_min_max_and_a_separating_threshold() -> None:
 
 
 def test_normalisation_is_anomalib_post_processors() -> None:
-    calibration = Calibration(1.0, 5.5, 0.5, 6.0, 3.0, 2.5, normalize=True)
+    calibration = StageStats(1.0, 5.5, 0.5, 6.0, 3.0, 2.5, normalize=True)
     batch = _validation()
     calibration.apply(batch, threshold=True)
     reference = PostProcessor()
@@ -64,14 +64,14 @@ def test_normalisation_is_anomalib_post_processors() -> None:
 
 def test_without_normalisation_raw_values_meet_raw_thresholds() -> None:
     batch = _validation()
-    Calibration(image_threshold=4.0, pixel_threshold=3.5).apply(batch, threshold=True)
+    StageStats(image_threshold=4.0, pixel_threshold=3.5).apply(batch, threshold=True)
     assert torch.equal(batch.pred_label, batch.pred_score > 4.0)
     assert torch.equal(batch.pred_mask, batch.anomaly_map > 3.5)
     assert float(batch.anomaly_map.max()) > 1.0  # untouched raw values
 
 
 def test_manual_threshold_is_taken_as_given() -> None:
-    estimator = CalibrationEstimator(
+    estimator = StageStatsEstimator(
         {"class_path": "ManualThreshold", "init_args": {"default_value": 0.7}}, False, (0, 1)
     )
     estimator.update(_validation())
@@ -83,26 +83,26 @@ def test_manual_threshold_is_taken_as_given() -> None:
 
 def test_missing_pixel_threshold_falls_back_to_the_image_one() -> None:
     batch = _validation()
-    Calibration(image_threshold=4.0).apply(batch, threshold=True)
+    StageStats(image_threshold=4.0).apply(batch, threshold=True)
     assert torch.equal(batch.pred_mask, batch.anomaly_map > 4.0)
 
 
 def test_calibration_round_trips_through_json_values() -> None:
-    calibration = Calibration(image_min=1.0, image_threshold=2.0, normalize=True)
-    restored = Calibration.from_dict(calibration.to_dict())
+    calibration = StageStats(image_min=1.0, image_threshold=2.0, normalize=True)
+    restored = StageStats.from_dict(calibration.to_dict())
     assert restored.image_min == 1.0 and restored.normalize
     assert math.isnan(restored.pixel_max)
 
 
 def test_tile_stage_thresholds_merge_by_vote_and_any() -> None:
     grid = TileGrid.create((4, 6), (4, 4), 2)  # two tiles overlapping in columns 2..3
-    calibrations = [
-        Calibration(image_threshold=0.5, pixel_threshold=0.5),
-        Calibration(image_threshold=2.0, pixel_threshold=2.0),
+    statistics = [
+        StageStats(image_threshold=0.5, pixel_threshold=0.5),
+        StageStats(image_threshold=2.0, pixel_threshold=2.0),
     ]
     maps = torch.ones(1, 2, 4, 4)
     scores = torch.tensor([[1.0, 1.0]])
-    tile_maps, tile_scores, masks, labels = apply_to_tiles(calibrations, maps, scores, threshold=True)
+    tile_maps, tile_scores, masks, labels = apply_to_tiles(statistics, maps, scores, threshold=True)
     merged = TileMerger(grid).merge(TilePredictions(tile_maps, tile_scores, masks, labels), ["a"])
     assert bool(merged.pred_label[0])  # the first tile is anomalous
     assert bool(merged.pred_mask[0, :, :2].all())  # only tile 0 covers these: anomalous

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from PIL import Image
 
 from anomalib_tiled.cli import main
-from anomalib_tiled.synthetic import CATEGORY, make_dataset
+from anomalib_tiled.data.synthetic import CATEGORY, make_dataset
 from tests.conftest import IMAGE_SIZE, base_config, interrupt_training, write_config
 
 
@@ -230,7 +230,7 @@ class _Exploit:
 def test_checkpoints_are_loaded_without_running_pickled_code(
     run_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from anomalib_tiled.run import RunDirectory, file_digest
+    from anomalib_tiled.run.directory import RunDirectory, file_digest
 
     marker = tmp_path / "marker"
     checkpoint = run_copy / "weights" / "tile_r0_c0.ckpt"
@@ -300,7 +300,7 @@ def test_a_failing_stage_stops_the_run_and_marks_it_failed(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    from anomalib_tiled import merging
+    from anomalib_tiled.merge import merging
 
     def broken_merge(*args: object, **kwargs: object) -> None:
         raise RuntimeError("merge exploded")

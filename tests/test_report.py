@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalib_tiled.merging import MergedBatch
-from anomalib_tiled.metrics import MetricSuite
+from anomalib_tiled.merge.merging import MergedBatch
 from anomalib_tiled.report import ReportCollector, ReportData, load_report_data, plots, render_report
 from anomalib_tiled.report.curves import PRO_FPR_LIMIT
 from anomalib_tiled.report.data import Curve, Histogram, TileGridSummary
 from anomalib_tiled.report.gallery import PANEL_GAP
+from anomalib_tiled.sinks.metrics import MetricSuite
 from anomalib_tiled.tiling import TileGrid
 
 SIZE = 64

@@ -23,21 +23,21 @@ import pytest
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_tiled.cli import main
+from anomalib_tiled.data.synthetic import CATEGORY
 from anomalib_tiled.errors import ConfigError, DataError, TileJobError
-from anomalib_tiled.placement import (
+from anomalib_tiled.execution.jobs import TileResult
+from anomalib_tiled.execution.runners.placement import (
     Slot,
     child_visible_devices,
     plan_slots,
     ray_task_resources,
     worker_environment,
 )
-from anomalib_tiled.process_runner import WORKER_CODE, WorkerPool
+from anomalib_tiled.execution.runners.processes import WORKER_CODE, WorkerPool
+from anomalib_tiled.execution.runners.serial import drive
+from anomalib_tiled.execution.runners.worker import Outcome, WorkerSetup
 from anomalib_tiled.progress import ProgressListener, Task
-from anomalib_tiled.runners import drive
 from anomalib_tiled.settings import ExecutionSettings, RuntimeSettings
-from anomalib_tiled.synthetic import CATEGORY
-from anomalib_tiled.tile_jobs import TileResult
-from anomalib_tiled.tile_worker import Outcome, WorkerSetup
 from tests.conftest import base_config, interrupt_training, write_config
 
 TILES = 4

@@ -8,10 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from anomalib_tiled.config.checks import (
+    check_metric_inputs,
+    check_runtime,
+    check_statistics_source,
+    check_trainer,
+    check_training_splits,
+    check_writable,
+)
 from anomalib_tiled.errors import ConfigError, DataError, RunDirectoryError
-from anomalib_tiled.models import ModelFactory
-from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import RunConfig, check_frozen, read_run_config, write_run_config
+from anomalib_tiled.execution.models import ModelFactory
+from anomalib_tiled.run.config import RunConfig, check_frozen, read_run_config, write_run_config
+from anomalib_tiled.run.directory import RunDirectory
 from anomalib_tiled.settings import (
     EnsembleSettings,
     MergeConfig,
@@ -24,14 +32,6 @@ from anomalib_tiled.settings import (
     VisualizationConfig,
 )
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.validation import (
-    check_calibration_source,
-    check_metric_inputs,
-    check_runtime,
-    check_trainer,
-    check_training_splits,
-    check_writable,
-)
 
 MODEL = {"class_path": "Padim", "init_args": {"backbone": "resnet18", "n_features": 20}}
 
@@ -151,8 +151,8 @@ def test_split_checks_follow_what_post_processing_learns() -> None:
         check_training_splits(manual, {"train": object()}, [], evaluate=True)
     check_training_splits(manual, {"train": object()}, [], evaluate=False)
     with pytest.raises(ConfigError, match="the run has no validation split to learn them from"):
-        check_calibration_source(learned, has_validation=False)
-    check_calibration_source(manual, has_validation=False)
+        check_statistics_source(learned, has_validation=False)
+    check_statistics_source(manual, has_validation=False)
 
 
 def test_image_metrics_need_an_anomalous_test_image() -> None:

@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torchvision.tv_tensors import Mask
 
+from anomalib_tiled.data.npyfile import NpyFile
+from anomalib_tiled.data.sources import UNKNOWN_LABEL, FileSource
+from anomalib_tiled.data.splits import SplitCache, SplitRecord, cache_split, split_fingerprint
 from anomalib_tiled.errors import DataError
-from anomalib_tiled.npyfile import NpyFile
 from anomalib_tiled.progress import ProgressListener
-from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.sources import UNKNOWN_LABEL, FileSource
-from anomalib_tiled.splits import SplitCache, SplitRecord, cache_split, split_fingerprint
+from anomalib_tiled.run.directory import RunDirectory
 from tests.fakes import write_png
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

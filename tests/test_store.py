@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anomalib_tiled.store import PredictionStore
+from anomalib_tiled.run.store import PredictionStore
 from tests.fakes import write_tile
 
 FINGERPRINT = "0123456789abcdef"

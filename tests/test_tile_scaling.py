@@ -8,19 +8,19 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from anomalib_tiled.config.checks import check_tile_scaling
+from anomalib_tiled.data.splits import calibration_indices
 from anomalib_tiled.errors import ConfigError, DataError
-from anomalib_tiled.merging import ImageScore, TileMerger, TilePredictions
-from anomalib_tiled.settings import MergeConfig, PostProcessingSettings, TrainingSettings
-from anomalib_tiled.splits import calibration_indices
-from anomalib_tiled.tile_scaling import (
+from anomalib_tiled.merge.merging import TileMerger, TilePredictions
+from anomalib_tiled.merge.tile_scaling import (
     UPPER_QUANTILE,
     NormalScale,
     NormalScaleEstimator,
     TileScales,
     TileScaling,
 )
+from anomalib_tiled.settings import ImageScore, MergeConfig, PostProcessingSettings, TrainingSettings
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.validation import check_tile_scaling
 
 GRID = TileGrid.create(32, 16)  # 2x2 tiles of 16
 
@@ -127,8 +127,8 @@ def test_topk_map_is_the_mean_of_the_highest_pixels(pixels: int, expected: float
 
 
 def test_settings_name_the_bad_value() -> None:
-    with pytest.raises(ConfigError, match=r"merge.calibration: unknown value 'normal_z'.*normal_zscore"):
-        MergeConfig(calibration="normal_z")
+    with pytest.raises(ConfigError, match=r"merge.tile_scaling: unknown value 'normal_z'.*normal_zscore"):
+        MergeConfig(tile_scaling="normal_z")
     with pytest.raises(ConfigError, match=r"merge.top_k: must be a fraction of the pixels in \(0, 1\], got 0"):
         MergeConfig(top_k=0)
     with pytest.raises(ConfigError, match=r"TrainModels.calibration_share: must be in \[0, 1\), got 1"):
@@ -136,8 +136,8 @@ def test_settings_name_the_bad_value() -> None:
 
 
 def test_scaling_without_held_out_images_says_how_to_fix_it() -> None:
-    post = PostProcessingSettings(merge=MergeConfig(calibration="normal_quantile"))
-    with pytest.raises(ConfigError, match=r"^merge.calibration: normal_quantile .* TrainModels.calibration_share"):
+    post = PostProcessingSettings(merge=MergeConfig(tile_scaling="normal_quantile"))
+    with pytest.raises(ConfigError, match=r"^merge.tile_scaling: normal_quantile .* TrainModels.calibration_share"):
         check_tile_scaling(post, has_calibration=False)
     check_tile_scaling(post, has_calibration=True)
-    check_tile_scaling(PostProcessingSettings(merge=MergeConfig(calibration="none")), has_calibration=False)
+    check_tile_scaling(PostProcessingSettings(merge=MergeConfig(tile_scaling="none")), has_calibration=False)

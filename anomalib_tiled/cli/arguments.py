@@ -13,13 +13,13 @@ from pathlib import Path
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 
-from anomalib_tiled.cli.legacy import PARSER_MODE, register_loader
 from anomalib_tiled.cli.subcommands import SUBCOMMANDS
-from anomalib_tiled.configfile import add_execution_arguments, add_settings_arguments
+from anomalib_tiled.config.format import add_execution_arguments, add_settings_arguments
+from anomalib_tiled.config.legacy import PARSER_MODE, register_loader
+from anomalib_tiled.config.parse_errors import condense_parser_error
 from anomalib_tiled.errors import ConfigError
-from anomalib_tiled.parse_errors import condense_parser_error
-from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import run_config_args
+from anomalib_tiled.run.config import run_config_args
+from anomalib_tiled.run.directory import RunDirectory
 
 ROOT_HELP = "Run directory printed by 'anomalib tiled train'."
 
@@ -84,7 +84,7 @@ def _add_export_arguments(parser: ArgumentParser) -> None:
         "--data",
         type=str | None,
         default=None,
-        help="int8_ptq calibration images (default: the run's validation images).",
+        help="int8_ptq quantisation images (default: the run's validation images).",
     )
 
 

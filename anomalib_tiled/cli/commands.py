@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 from anomalib_tiled.cli.arguments import parse_args
 from anomalib_tiled.cli.console import ConsoleProgress, quiet_libraries
-from anomalib_tiled.components import instantiate_datamodule
-from anomalib_tiled.configfile import plain, settings_from_namespace, spec_from_namespace
+from anomalib_tiled.config.components import instantiate_datamodule
+from anomalib_tiled.config.format import plain, settings_from_namespace, spec_from_namespace
 from anomalib_tiled.engine import TiledEnsembleEngine
 from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.report import REPORT_DATA, REPORT_HTML, load_report_data, render_report
-from anomalib_tiled.run import RunDirectory, latest_version
+from anomalib_tiled.run.directory import RunDirectory, latest_version
 from anomalib_tiled.settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -117,7 +117,7 @@ def export(options: list[str], progress: ConsoleProgress) -> int:
         cfg.format,
         compression=cfg.compression,
         output=cfg.output,
-        calibration_data=cfg.data,
+        quantization_images=cfg.data,
         progress=progress,
     )
     sys.stdout.write(f"{directory}\n")

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from anomalib_tiled.noise import filter_log_lines, filter_warnings
+from anomalib_tiled.integration.notices import filter_log_lines, filter_warnings
 from anomalib_tiled.progress import ProgressListener
 
 PACKAGE_LOGGER = "anomalib_tiled"

@@ -12,10 +12,10 @@ from anomalib.data import NumpyImageBatch
 from PIL.Image import Image as PILImage
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_tiled.data.sources import as_rgb, read_rgb
 from anomalib_tiled.deploy.backends import open_backend
 from anomalib_tiled.errors import DataError
 from anomalib_tiled.export.artifact import read_metadata
-from anomalib_tiled.sources import as_rgb, read_rgb
 from anomalib_tiled.tiling import TileGrid
 
 ImageInput = str | Path | np.ndarray | torch.Tensor | PILImage

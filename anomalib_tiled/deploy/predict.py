@@ -1,7 +1,7 @@
 """``anomalib tiled predict --model ARTIFACT``: what run-based ``predict`` writes, from an exported ensemble.
 
-The outputs are those of :func:`anomalib_tiled.inference.predict_images` — ``predictions.csv``,
-``maps/*.npy`` and result pictures, written by the same :class:`~anomalib_tiled.outputs.OutputWriter`
+The outputs are those of :func:`anomalib_tiled.stages.predict.predict_images` — ``predictions.csv``,
+``maps/*.npy`` and result pictures, written by the same :class:`~anomalib_tiled.sinks.outputs.OutputWriter`
 — with maps at each image's own resolution (the inferencer's contract).
 """
 
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from anomalib_tiled.data.sources import collect_images, read_rgb
 from anomalib_tiled.deploy.inferencer import TiledInferencer
-from anomalib_tiled.merging import MergedBatch
-from anomalib_tiled.outputs import OutputWriter, Prediction
+from anomalib_tiled.merge.merging import MergedBatch
 from anomalib_tiled.progress import ProgressListener, Task
-from anomalib_tiled.run import next_version_dir
+from anomalib_tiled.run.directory import next_version_dir
 from anomalib_tiled.settings import VisualizationConfig
-from anomalib_tiled.sources import collect_images, read_rgb
+from anomalib_tiled.sinks.outputs import OutputWriter, Prediction
 
 BATCH_SIZE = 8
 """Images per call: enough for the runtimes to batch, few enough for flat memory."""
@@ -42,7 +42,7 @@ def predict_with_artifact(
         visualization: Picture settings to change (``save``, ``max_side``, ``grid``); the run's otherwise.
 
     Returns:
-        One :class:`~anomalib_tiled.outputs.Prediction` per image.
+        One :class:`~anomalib_tiled.sinks.outputs.Prediction` per image.
     """
     paths = collect_images(data_path)
     out = Path(output) if output is not None else next_version_dir(inferencer.directory / "predict")

@@ -2,7 +2,7 @@
 
 Layout of an export folder (``<run>/export/vN`` by default)::
 
-    metadata.json             format, compression, tile grid, calibration, file names
+    metadata.json             format, compression, tile grid, statistics, file names
     model.pt2                 --format torch     (torch.export program)
     model.onnx[.data]         --format onnx      (weights in model.onnx.data past the 2 GB protobuf limit)
     model.xml + model.bin     --format openvino  (OpenVINO IR)
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_tiled.errors import RunDirectoryError
-from anomalib_tiled.run import atomic_write_text
+from anomalib_tiled.run.directory import atomic_write_text
 from anomalib_tiled.tiling import TileGrid
 
 METADATA_FILE = "metadata.json"

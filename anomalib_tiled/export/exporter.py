@@ -7,21 +7,21 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from anomalib_tiled.calibration import Calibrations, build_merger
+from anomalib_tiled.data.sources import collect_images
+from anomalib_tiled.data.splits import SplitRecord
 from anomalib_tiled.errors import ConfigError, ExportError, RunDirectoryError
+from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.export.artifact import ArtifactMetadata, Compression, ExportFormat, grid_dict
 from anomalib_tiled.export.formats import write_model
 from anomalib_tiled.export.graph import TiledEnsembleGraph, check_exportable, example_input, trace
-from anomalib_tiled.inference import calibrations_for
-from anomalib_tiled.models import ModelFactory
+from anomalib_tiled.merge.merging import build_merger
+from anomalib_tiled.merge.statistics import Statistics, statistics_for
 from anomalib_tiled.progress import ProgressListener
-from anomalib_tiled.run import RunDirectory
-from anomalib_tiled.runconfig import check_frozen, read_run_config
-from anomalib_tiled.session import RunLog
+from anomalib_tiled.run.config import check_frozen, read_run_config
+from anomalib_tiled.run.directory import RunDirectory
+from anomalib_tiled.run.session import RunLog
+from anomalib_tiled.run.store import run_store
 from anomalib_tiled.settings import EnsembleSettings, enum_value
-from anomalib_tiled.sources import collect_images
-from anomalib_tiled.splits import SplitRecord
-from anomalib_tiled.store import run_store
 
 # What each format needs besides torch (the dynamo ONNX exporter needs onnxscript).
 BACKEND_MODULES = {
@@ -38,7 +38,7 @@ def export_run(
     compression: str | Compression = Compression.NONE,
     output: str | Path | None = None,
     settings: EnsembleSettings | None = None,
-    calibration_data: str | Path | None = None,
+    quantization_images: str | Path | None = None,
     progress: ProgressListener | None = None,
 ) -> Path:
     """Export a trained run as one artifact whose forward pass does everything ``predict`` does.
@@ -49,7 +49,7 @@ def export_run(
         compression: ``none``; for OpenVINO also ``fp16``, ``int8`` (weights) or ``int8_ptq`` (weights and activations).
         output: Artifact folder (default: a new ``<run>/export/vN``).
         settings: Post-processing to export instead of the run's own (statistics are learned again).
-        calibration_data: Images ``int8_ptq`` calibrates on (default: the run's validation images).
+        quantization_images: Images ``int8_ptq`` quantises activations on (default: the run's validation images).
         progress: Receives progress messages.
 
     Returns:
@@ -68,14 +68,14 @@ def export_run(
     directory = Path(output) if output is not None else run.new_output_dir("export")
     directory.mkdir(parents=True, exist_ok=True)
     with RunLog(run.log_path):
-        calibrations = calibrations_for(run, settings, directory)
+        statistics = statistics_for(run, settings, directory)
         listener.message(f"Tracing {len(settings.grid)} {factory.name} tile models into one graph")
-        program, batch = trace(_graph(run, settings, factory, calibrations), factory.name)
-        images = _calibration_images(run, calibration_data) if compression == Compression.INT8_PTQ else ()
+        program, batch = trace(_graph(run, settings, factory, statistics), factory.name)
+        images = _quantization_images(run, quantization_images) if compression == Compression.INT8_PTQ else ()
         listener.message(f"Writing the {export_format.value} artifact")
         example = example_input(batch, settings.grid.image_size)
         model_file = write_model(program, directory, export_format, example, compression, images)
-        metadata = _metadata(run, settings, factory, calibrations, model_file, export_format, compression, batch)
+        metadata = _metadata(run, settings, factory, statistics, model_file, export_format, compression, batch)
         metadata.write(directory)
     listener.message(f"Exported to {directory}")
     return directory
@@ -98,12 +98,12 @@ def _open_run(
 
 
 def _graph(
-    run: RunDirectory, settings: EnsembleSettings, factory: ModelFactory, calibrations: Calibrations
+    run: RunDirectory, settings: EnsembleSettings, factory: ModelFactory, statistics: Statistics
 ) -> TiledEnsembleGraph:
     """The ensemble of the run's verified tile checkpoints, in eval mode."""
     grid = settings.grid
     models = [factory.load(run.verify_checkpoint(p.name), (p.height, p.width)).eval() for p in grid]
-    return TiledEnsembleGraph(models, build_merger(grid, settings.postprocessing), calibrations)
+    return TiledEnsembleGraph(models, build_merger(grid, settings.postprocessing), statistics)
 
 
 def _check_options(export_format: ExportFormat, compression: Compression) -> None:
@@ -121,10 +121,10 @@ def _check_options(export_format: ExportFormat, compression: Compression) -> Non
         raise ExportError(msg)
 
 
-def _calibration_images(run: RunDirectory, calibration_data: str | Path | None) -> Sequence[str]:
-    """Images int8 quantisation calibrates on: ``calibration_data``, else the run's validation images."""
-    if calibration_data is not None:
-        return collect_images(calibration_data)
+def _quantization_images(run: RunDirectory, quantization_images: str | Path | None) -> Sequence[str]:
+    """Images int8 quantisation measures activations on: ``quantization_images``, else the validation images."""
+    if quantization_images is not None:
+        return collect_images(quantization_images)
     split = run.split_dir("val")
     paths = SplitRecord.load(split).image_paths if (split / "index.json").is_file() else []
     existing = [path for path in paths if Path(path).is_file()]
@@ -134,10 +134,10 @@ def _calibration_images(run: RunDirectory, calibration_data: str | Path | None) 
     return existing
 
 
-def _display_range(run: RunDirectory, settings: EnsembleSettings, calibrations: Calibrations) -> list[float]:
+def _display_range(run: RunDirectory, settings: EnsembleSettings, statistics: Statistics) -> list[float]:
     """Colour-map range of result pictures: [0, 1] when normalised, else the validation maps' range."""
     fingerprint = run.manifest().get("splits", {}).get("val")
-    if calibrations.normalized or fingerprint is None:
+    if statistics.normalized or fingerprint is None:
         return [0.0, 1.0]
     return list(run_store(run, fingerprint).value_range([position.name for position in settings.grid]))
 
@@ -146,7 +146,7 @@ def _metadata(
     run: RunDirectory,
     settings: EnsembleSettings,
     factory: ModelFactory,
-    calibrations: Calibrations,
+    statistics: Statistics,
     model_file: Path,
     export_format: ExportFormat,
     compression: Compression,
@@ -159,9 +159,9 @@ def _metadata(
         model_file=model_file.name,
         model=factory.spec["class_path"],
         grid=grid_dict(settings.grid),
-        normalized=calibrations.normalized,
+        normalized=statistics.normalized,
         batch_size=batch,
-        display_range=_display_range(run, settings, calibrations),
+        display_range=_display_range(run, settings, statistics),
         visualization={"save": visualization.save, "max_side": visualization.max_side, "grid": visualization.grid},
         source=str(run.root),
         versions={package: _version(package) for package in ("anomalib", "torch", "anomalib-tiled", "openvino")},

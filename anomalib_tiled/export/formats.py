@@ -7,7 +7,7 @@
 * ``openvino``: the ONNX file converted by ``ov.convert_model`` and saved with ``ov.save_model``, as
   ``ExportMixin.to_openvino`` does; ``fp16`` compresses the weights (``compress_to_fp16``), ``int8``
   compresses them with NNCF's ``compress_weights``, ``int8_ptq`` quantises weights and activations
-  with NNCF's post-training quantisation on calibration images.
+  with NNCF's post-training quantisation on quantisation images.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anomalib_tiled.data.sources import read_rgb
 from anomalib_tiled.errors import ExportError
 from anomalib_tiled.export.artifact import INPUT_NAME, MODEL_FILES, OUTPUT_NAMES, Compression, ExportFormat
-from anomalib_tiled.sources import read_rgb
 
 ONNX_OPSET = 18
 ONNX_INLINE_LIMIT = 1_500_000_000
@@ -33,8 +33,8 @@ limit is 2 GB for the whole file, and the exporter's constant folding can add to
 QUANTIZED_OPS = frozenset({"Convolution", "GroupConvolution"})
 """OpenVINO operations ``int8_ptq`` quantises (see :func:`_quantize`)."""
 
-INT8_CALIBRATION_IMAGES = 300
-"""Calibration images NNCF reads at most (its own default ``subset_size``)."""
+INT8_QUANTIZATION_IMAGES = 300
+"""StageStats images NNCF reads at most (its own default ``subset_size``)."""
 
 
 def save_torch(program: torch.export.ExportedProgram, directory: Path) -> Path:
@@ -75,7 +75,7 @@ def save_openvino(
     directory: Path,
     example: tuple[torch.Tensor],
     compression: Compression,
-    calibration_images: Sequence[str] = (),
+    quantization_images: Sequence[str] = (),
 ) -> Path:
     """Write ``model.xml`` and ``model.bin``, compressed as asked.
 
@@ -84,7 +84,7 @@ def save_openvino(
         directory: Output folder.
         example: The example input it was traced with.
         compression: ``none``, ``fp16`` or ``int8_ptq``.
-        calibration_images: Image files ``int8_ptq`` calibrates on.
+        quantization_images: Image files ``int8_ptq`` quantises activations on.
     """
     import openvino as ov  # noqa: PLC0415 - an optional dependency, loaded when asked for
 
@@ -92,13 +92,13 @@ def save_openvino(
     with tempfile.TemporaryDirectory() as onnx_directory:
         model = ov.convert_model(save_onnx(program, Path(onnx_directory), example))
         if compression in {Compression.INT8, Compression.INT8_PTQ}:
-            model = _quantize(model, compression, calibration_images)
+            model = _quantize(model, compression, quantization_images)
         ov.save_model(model, path, compress_to_fp16=compression == Compression.FP16)
     return path
 
 
 def _quantize(model: object, compression: Compression, images: Sequence[str]) -> object:
-    """NNCF int8 compression: the weights alone, or (``int8_ptq``) weights and activations calibrated on ``images``."""
+    """NNCF int8 compression: the weights alone, or (``int8_ptq``) weights and activations measured on ``images``."""
     try:
         import nncf  # noqa: PLC0415 - an optional dependency, loaded when asked for
     except ImportError:
@@ -109,17 +109,17 @@ def _quantize(model: object, compression: Compression, images: Sequence[str]) ->
     if compression == Compression.INT8:
         return nncf.compress_weights(model)
     if not images:
-        msg = "--compression int8_ptq: no calibration images; pass --data with normal images of the product"
+        msg = "--compression int8_ptq: no quantisation images; pass --data with normal images of the product"
         raise ExportError(msg)
-    dataset = nncf.Dataset(images[:INT8_CALIBRATION_IMAGES], _calibration_input)
+    dataset = nncf.Dataset(images[:INT8_QUANTIZATION_IMAGES], _quantization_input)
     # Only the convolutions of the feature extractors: the scoring after them (Padim's Mahalanobis
     # distances, PatchCore's neighbour search, merging, normalisation) amplifies int8 rounding most.
     others = {op.get_type_name() for op in model.get_ops()} - QUANTIZED_OPS  # type: ignore[attr-defined]
     ignored = nncf.IgnoredScope(types=sorted(others))
-    return nncf.quantize(model, dataset, subset_size=min(len(images), INT8_CALIBRATION_IMAGES), ignored_scope=ignored)
+    return nncf.quantize(model, dataset, subset_size=min(len(images), INT8_QUANTIZATION_IMAGES), ignored_scope=ignored)
 
 
-def _calibration_input(path: str) -> np.ndarray:
+def _quantization_input(path: str) -> np.ndarray:
     return read_rgb(path)[None].numpy()
 
 
@@ -129,11 +129,11 @@ def write_model(
     export_format: ExportFormat,
     example: tuple[torch.Tensor],
     compression: Compression = Compression.NONE,
-    calibration_images: Sequence[str] = (),
+    quantization_images: Sequence[str] = (),
 ) -> Path:
     """Write the artifact of ``export_format`` into ``directory``; the path of its model file."""
     if export_format == ExportFormat.TORCH:
         return save_torch(program, directory)
     if export_format == ExportFormat.ONNX:
         return save_onnx(program, directory, example)
-    return save_openvino(program, directory, example, compression, calibration_images)
+    return save_openvino(program, directory, example, compression, quantization_images)

@@ -2,8 +2,8 @@
 
 Every step calls the code ``predict`` itself runs, so the graph cannot drift from it: the tile
 models are anomalib modules (their ``forward`` runs the pre-processor's export transform, then the
-inference model), :func:`~anomalib_tiled.store.tile_outputs` shapes their outputs, and
-:func:`~anomalib_tiled.merging.merge_calibrated` calibrates, merges, smooths, pools and thresholds
+inference model), :func:`~anomalib_tiled.run.store.tile_outputs` shapes their outputs, and
+:func:`~anomalib_tiled.merge.merging.post_process` scales, normalises, merges, smooths, pools and thresholds
 with the run's statistics. Only the image resize is rewritten as exportable tensor ops
 (:mod:`~anomalib_tiled.export.resize`).
 """
@@ -15,12 +15,12 @@ from anomalib.models import AnomalibModule
 from anomalib.models.components.base.export_mixin import ExportMixin
 from torch import nn
 
-from anomalib_tiled.calibration import Calibrations
+from anomalib_tiled.data.splits import pixel_levels
 from anomalib_tiled.errors import ExportError
 from anomalib_tiled.export.resize import resize_antialiased
-from anomalib_tiled.merging import TileMerger, TilePredictions, merge_calibrated
-from anomalib_tiled.splits import pixel_levels
-from anomalib_tiled.store import tile_outputs
+from anomalib_tiled.merge.merging import TileMerger, TilePredictions, post_process
+from anomalib_tiled.merge.statistics import Statistics
+from anomalib_tiled.run.store import tile_outputs
 
 GraphOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -31,18 +31,18 @@ class TiledEnsembleGraph(nn.Module):
     Args:
         models: Trained tile models in grid order.
         merger: Blending, pooling and seam smoothing of the run.
-        calibrations: The run's normalisation and threshold statistics.
+        statistics: The run's normalisation and threshold statistics.
     """
 
-    def __init__(self, models: list[AnomalibModule], merger: TileMerger, calibrations: Calibrations) -> None:
+    def __init__(self, models: list[AnomalibModule], merger: TileMerger, statistics: Statistics) -> None:
         super().__init__()
         self.models = nn.ModuleList(models)
         self.merger = merger
-        self.calibrations = calibrations
-        stages = [*(calibrations.tiles or []), *([calibrations.image] if calibrations.image else [])]
+        self.statistics = statistics
+        stages = [*(statistics.tiles or []), *([statistics.image] if statistics.image else [])]
         # Registered so that the statistics travel as buffers of the graph, not as loose constants.
         self.statistics = nn.ModuleList([stage.post_processor for stage in stages])
-        self.scales = calibrations.scales
+        self.scales = statistics.scales
         # The grid caches its blending weights on first use: fill the caches with real tensors now,
         # or the tracer would fill them with its fake ones.
         grid = merger.grid
@@ -69,7 +69,7 @@ class TiledEnsembleGraph(nn.Module):
             maps.append(tile_map)
             scores.append(tile_score)
         predictions = TilePredictions(torch.stack(maps, dim=1), torch.stack(scores, dim=1))
-        batch = merge_calibrated(predictions, self.merger, self.calibrations, [])
+        batch = post_process(predictions, self.merger, self.statistics, [])
         return batch.anomaly_map, batch.pred_score, batch.pred_label, batch.pred_mask
 
 

@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from anomalib_tiled.merging import MergedBatch
-from anomalib_tiled.metrics import binned_confusion, binned_thresholds, region_overlap
+from anomalib_tiled.merge.merging import MergedBatch
 from anomalib_tiled.report.curves import image_curves, pixel_curves, score_histogram, tile_grid_summary
 from anomalib_tiled.report.data import REPORT_DATA, Gallery, GalleryItem, ReportData
 from anomalib_tiled.report.gallery import BoundedHeap, Candidate, gallery_picture
-from anomalib_tiled.run import atomic_write_text
+from anomalib_tiled.run.directory import atomic_write_text
+from anomalib_tiled.sinks.metrics import binned_confusion, binned_thresholds, region_overlap
+from anomalib_tiled.sinks.visualization import output_name
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.visualization import output_name
 
 CURVE_BINS = 1000
 """Thresholds of the pixel ROC and PRO curves (a plot needs no more; the metrics table is exact)."""

@@ -1,10 +1,10 @@
 """The report's curves and summaries, computed from per-image scalars and binned pixel counts.
 
 Image curves come from torchmetrics' functional API on the exact per-image scores. Pixel curves
-come from confusion matrices over fixed thresholds (see :mod:`anomalib_tiled.metrics`), so they
+come from confusion matrices over fixed thresholds (see :mod:`anomalib_tiled.sinks.metrics`), so they
 cost the same memory for ten images or ten thousand. The PRO curve is streamed the same way, with
 the helpers of the streaming ``AUPRO`` metric: every ground-truth region's pixel scores are
-histogrammed over those thresholds as the region goes by (:func:`~anomalib_tiled.metrics.region_overlap`).
+histogrammed over those thresholds as the region goes by (:func:`~anomalib_tiled.sinks.metrics.region_overlap`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
-from anomalib_tiled.metrics import pro_area, pro_curve
 from anomalib_tiled.report.data import Curve, Histogram, TileGridSummary
+from anomalib_tiled.sinks.metrics import pro_area, pro_curve
 from anomalib_tiled.tiling import TileGrid
 
 MAX_POINTS = 1000

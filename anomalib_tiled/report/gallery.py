@@ -16,8 +16,8 @@ import torch
 from anomalib.visualization.image.functional import add_text_to_image
 from PIL import Image, ImageOps
 
+from anomalib_tiled.sinks.visualization import ground_truth_panel, heat_panel, load_image, side_by_side
 from anomalib_tiled.tiling import TileGrid
-from anomalib_tiled.visualization import ground_truth_panel, heat_panel, load_image, side_by_side
 
 PANEL_GAP = 6
 """White pixels between panels, so that three similar pictures read as three."""

@@ -23,7 +23,7 @@ from anomalib_tiled.report.plots import (
     score_histogram_plot,
     tile_grid_plot,
 )
-from anomalib_tiled.run import atomic_write_text
+from anomalib_tiled.run.directory import atomic_write_text
 
 __all__ = ["REPORT_HTML", "load_report_data", "render_report"]
 

@@ -47,8 +47,8 @@ def timed(function: Callable[[], Any], repeats: int) -> float:
 
 def measure_artifact(target: Path, images: list[Path], repeats: int) -> dict[str, float]:
     """Latency (batch 1) and throughput (batch 8) of an exported ensemble."""
+    from anomalib_tiled.data.sources import read_rgb  # noqa: PLC0415
     from anomalib_tiled.deploy import TiledInferencer  # noqa: PLC0415 - imported after parsing
-    from anomalib_tiled.sources import read_rgb  # noqa: PLC0415
 
     inferencer = TiledInferencer(target)
     decoded = [read_rgb(path) for path in images]
@@ -63,8 +63,8 @@ def measure_run(target: Path, images: list[Path], repeats: int) -> dict[str, flo
     import dataclasses  # noqa: PLC0415
 
     from anomalib_tiled import TiledEnsembleEngine  # noqa: PLC0415
-    from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
-    from anomalib_tiled.runconfig import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.run.config import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.run.directory import RunDirectory  # noqa: PLC0415
     from anomalib_tiled.settings import VisualizationConfig  # noqa: PLC0415
 
     settings = read_run_config(RunDirectory.open(target)).settings
@@ -90,9 +90,9 @@ def export_floor(target: Path, output: Path) -> dict[str, float]:
     """The OpenVINO export anomalib itself makes (``to_openvino``) of the run's first tile model, at the tile size."""
     import openvino as ov  # noqa: PLC0415
 
-    from anomalib_tiled.models import ModelFactory  # noqa: PLC0415
-    from anomalib_tiled.run import RunDirectory  # noqa: PLC0415
-    from anomalib_tiled.runconfig import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.execution.models import ModelFactory  # noqa: PLC0415
+    from anomalib_tiled.run.config import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.run.directory import RunDirectory  # noqa: PLC0415
 
     run = RunDirectory.open(target)
     config = read_run_config(run)

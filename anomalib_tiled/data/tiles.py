@@ -1,0 +1,77 @@
+"""Tile datasets: the tile at one grid position of every image of a split, read from the split's image cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.tv_tensors import Mask
+
+from anomalib_tiled.data.npyfile import NpyFile
+from anomalib_tiled.data.sources import UNKNOWN_LABEL
+from anomalib_tiled.data.splits import SplitRecord
+from anomalib_tiled.tiling import TilePosition
+
+
+class TileDataset(Dataset):
+    """The tile at one grid position of every image of a split, read from the image cache.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8 cache.
+        record: The split's record (paths, labels, masks).
+        position: Grid position to cut.
+        augmentations: Optional torchvision transform applied to each tile (training only).
+    """
+
+    def __init__(
+        self,
+        images: NpyFile,
+        record: SplitRecord,
+        position: TilePosition,
+        augmentations: Callable | None = None,
+    ) -> None:
+        self.images = images
+        self.record = record
+        self.masks = record.masks
+        self.position = position
+        self.augmentations = augmentations
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def __getitem__(self, index: int) -> Any:
+        from anomalib.data import ImageItem  # noqa: PLC0415
+
+        rows, cols = self.position.slices
+        band = self.images.read_rows(index, rows.start, rows.stop)
+        image = torch.from_numpy(band[:, cols].copy()).permute(2, 0, 1).float().div_(255)
+        label = self.record.labels[index]
+        gt_mask = None
+        if self.masks is not None and label != UNKNOWN_LABEL:
+            gt_mask = torch.from_numpy(self.masks.read_rows(index, rows.start, rows.stop)[:, cols].copy()).bool()
+            # A tile is anomalous only if the defect reaches into it.
+            label = int(gt_mask.any())
+        if self.augmentations is not None:
+            if gt_mask is not None:
+                image, gt_mask = self.augmentations(image, Mask(gt_mask))
+            else:
+                image = self.augmentations(image)
+        return ImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=None if label == UNKNOWN_LABEL else torch.tensor(label),
+            image_path=self.record.image_paths[index],
+            mask_path=self.record.mask_paths[index] or None,
+        )
+
+
+def tile_loader(dataset: TileDataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    """DataLoader of tiles; reading crops from the cache is cheap, so no worker processes."""
+    from anomalib.data import ImageBatch  # noqa: PLC0415
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=ImageBatch.collate, generator=generator
+    )

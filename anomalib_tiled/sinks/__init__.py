@@ -1,0 +1,1 @@
+"""Sinks of merged predictions: metrics, output files and result pictures."""

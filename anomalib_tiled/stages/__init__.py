@@ -1,0 +1,1 @@
+"""Stages of a command: train, evaluate, predict, and what they share."""
