@@ -20,14 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_tiled.config.format import object_spec, tile_grid
+from anomalib_tiled.config.format import tile_grid
 from anomalib_tiled.errors import RunDirectoryError
-from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.export import export_run
 from anomalib_tiled.progress import ProgressListener
 from anomalib_tiled.run.config import RunConfig, check_frozen, read_run_config
 from anomalib_tiled.run.directory import RunDirectory
-from anomalib_tiled.run.session import RunLog, RunSession, create_run, resume_run
+from anomalib_tiled.run.log import RunLog
 from anomalib_tiled.settings import (
     EnsembleSettings,
     ExecutionSettings,
@@ -44,9 +43,9 @@ from anomalib_tiled.settings import (
 )
 from anomalib_tiled.sinks.outputs import Prediction
 from anomalib_tiled.stages.common import SplitPredictor
-from anomalib_tiled.stages.evaluate import evaluate, resolve_test_split
+from anomalib_tiled.stages.evaluate import evaluate_run
 from anomalib_tiled.stages.predict import predict_images
-from anomalib_tiled.stages.train import TrainingPlan
+from anomalib_tiled.stages.train import Trained, fit_run
 from anomalib_tiled.tiling import TileGrid
 
 
@@ -181,28 +180,26 @@ class TiledEnsembleEngine:
             resume: Run directory of an interrupted run: finished, verified tiles are kept.
             data_spec: The data module's class spec for the run's config (default: read off the instance).
         """
-        return self._fit(model, datamodule, resume, data_spec, evaluate=False)
+        self._fit(model, datamodule, resume, data_spec, evaluate=False)
+        assert self.run is not None
+        return self.run
 
     def train(
         self, model: Any, datamodule: Any, *, resume: str | Path | None = None, data_spec: dict | None = None
     ) -> list[dict[str, float]]:
-        """Fit, then test (like ``Engine.train``; test tiles are predicted while each tile model is in memory)."""
-        self._fit(model, datamodule, resume, data_spec, evaluate=True)
-        return self.test(datamodule=datamodule)
+        """Fit, then test (like ``Engine.train``; test tiles are predicted while each tile model is in memory).
+
+        The test stage takes what fitting has (the test split, the statistics): the data module is set up once.
+        """
+        trained = self._fit(model, datamodule, resume, data_spec, evaluate=True)
+        return [self._evaluate(trained.predictor, trained.test, trained.statistics)]
 
     def _fit(
         self, model: Any, datamodule: Any, resume: str | Path | None, data_spec: dict | None, *, evaluate: bool
-    ) -> RunDirectory:
-        factory = ModelFactory.from_spec(model)
-        plan = TrainingPlan.prepare(self.settings, factory, datamodule, evaluate=evaluate)
-        config = RunConfig(self.settings, factory.spec, data_spec or object_spec(datamodule))
-        self.run = resume_run(resume, config) if resume is not None else create_run(config, datamodule)
-        self.trained, self.datamodule = config, datamodule
-        self.progress.message(f"Run directory: {self.run.root}")
-        session = RunSession(self.run, len(self.grid))
-        with RunLog(self.run.log_path), session.training():
-            plan.run(self.run, session, self.progress)
-        return self.run
+    ) -> Trained:
+        trained = fit_run(self.settings, model, datamodule, resume, data_spec, self.progress, evaluate=evaluate)
+        self.run, self.trained, self.datamodule = trained.predictor.context.run, trained.predictor.trained, datamodule
+        return trained
 
     def test(self, datamodule: Any = None) -> list[dict[str, float]]:
         """Evaluate the trained ensemble on a test split; returns ``[{metric name: value}]`` like ``Engine.test``.
@@ -212,16 +209,13 @@ class TiledEnsembleEngine:
         ``metrics.json``/``.csv``, ``predictions.csv``, ``images/``, ``report.html``.
         """
         datamodule = datamodule or self.datamodule
-        predictor = self._predictor(datamodule)
-        run = predictor.context.run
-        with RunLog(run.log_path):
-            record = resolve_test_split(predictor, datamodule)
-            output = run.new_output_dir("eval")
-            results = evaluate(predictor, record, output)
-        RunSession(run, len(self.grid)).evaluated(output, results)
-        self.evaluation_dir = output
-        self.progress.message(f"Evaluation written to {output}")
-        return [results]
+        return [self._evaluate(self._predictor(datamodule), None, None, datamodule)]
+
+    def _evaluate(self, predictor: SplitPredictor, *stage: Any) -> dict[str, float]:
+        """:func:`evaluate_run` of ``stage``: the test split, the statistics, the data module (None: resolved)."""
+        self.evaluation_dir, results = evaluate_run(predictor, *stage)
+        self.progress.message(f"Evaluation written to {self.evaluation_dir}")
+        return results
 
     def predict(self, data_path: str | Path, output: str | Path | None = None) -> list[Prediction]:
         """Predict unlabeled images with the trained ensemble.

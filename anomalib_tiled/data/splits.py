@@ -221,6 +221,20 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+DEFAULT_BATCH_SIZE = 32
+"""anomalib's default train and eval batch size, for data modules (and run configs) that do not say."""
+
+
+def batch_size(datamodule: Any, stage: str) -> int:
+    """The data module's ``train_batch_size`` or ``eval_batch_size`` (``stage``: ``train`` or ``eval``)."""
+    return int(getattr(datamodule, f"{stage}_batch_size", None) or DEFAULT_BATCH_SIZE)
+
+
+def decode_workers(datamodule: Any) -> int:
+    """Threads decoding a split: the data module's ``num_workers``, at most this machine's cores."""
+    return min(getattr(datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
+
+
 def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
     """Set the data module up once, with the run's seed, and return its non-empty splits.
 

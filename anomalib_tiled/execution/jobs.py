@@ -215,7 +215,7 @@ class FitTileJob(TileJobBase):
                 "directory on storage every worker sees (see docs/distributed.md)"
             )
             raise RunDirectoryError(msg)
-        self.context.run.record_tile(self.name, {"checkpoint": result.checkpoint})
+        self.context.run.record_tile(self.name, {"checkpoint": result.checkpoint, "seconds": round(result.seconds, 2)})
 
 
 def predict_tile(context: TileContext, model: AnomalibModule, position: TilePosition, split: TileSplit) -> None:

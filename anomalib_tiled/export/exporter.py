@@ -19,7 +19,7 @@ from anomalib_tiled.merge.statistics import Statistics, statistics_for
 from anomalib_tiled.progress import ProgressListener
 from anomalib_tiled.run.config import check_frozen, read_run_config
 from anomalib_tiled.run.directory import RunDirectory
-from anomalib_tiled.run.session import RunLog
+from anomalib_tiled.run.log import RunLog
 from anomalib_tiled.run.store import run_store
 from anomalib_tiled.settings import EnsembleSettings, enum_value
 

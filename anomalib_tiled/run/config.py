@@ -23,6 +23,7 @@ from anomalib_tiled.config.format import (
 )
 from anomalib_tiled.config.model_spec import ModelSpec
 from anomalib_tiled.config.parse_errors import condense_parser_error
+from anomalib_tiled.data.splits import DEFAULT_BATCH_SIZE
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.run.directory import RunDirectory, atomic_write_text
 from anomalib_tiled.settings import EnsembleSettings
@@ -67,8 +68,8 @@ class RunConfig:
 
     @property
     def eval_batch_size(self) -> int:
-        """The data module's eval batch size (anomalib's default, 32, when unknown)."""
-        return int(((self.data_spec or {}).get("init_args") or {}).get("eval_batch_size") or 32)
+        """The data module's eval batch size (anomalib's default when unknown)."""
+        return int(((self.data_spec or {}).get("init_args") or {}).get("eval_batch_size") or DEFAULT_BATCH_SIZE)
 
 
 def write_run_config(run: RunDirectory, config: RunConfig) -> None:

@@ -3,68 +3,21 @@
 A run's ``manifest.json`` says whether it is complete. :meth:`RunSession.training` moves it through
 ``training`` → ``trained``, or to ``interrupted`` (Ctrl-C, SIGTERM: finished tiles are kept and the
 run can be resumed) or ``failed`` (any other error) — a half-written run never looks complete.
-:class:`RunLog` copies this package's log records, tracebacks included, into the run's ``run.log``.
 Signal handlers and the console belong to the application (the CLI), not to this module.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from anomalib_tiled.config.checks import check_writable
 from anomalib_tiled.errors import RunInterruptedError
 from anomalib_tiled.run.config import RunConfig, check_frozen, read_run_config, write_run_config
 from anomalib_tiled.run.directory import RunDirectory, RunStatus
-
-PACKAGE_LOGGER = "anomalib_tiled"
-
-
-class RunLog:
-    """While active, this package's records (INFO and up) are appended to ``run.log``.
-
-    Records still propagate as usual; what reaches a console is the application's logging
-    configuration. Tracebacks of failures go to the file only.
-
-    Args:
-        path: The run's ``run.log``.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.handler: logging.FileHandler | None = None
-        self.saved_level = logging.NOTSET
-
-    def __enter__(self) -> RunLog:  # noqa: PYI034 - final in practice; Self needs Python 3.11
-        self.handler = logging.FileHandler(self.path, encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        self.handler.setLevel(logging.INFO)
-        package = logging.getLogger(PACKAGE_LOGGER)
-        self.saved_level = package.level
-        if package.getEffectiveLevel() > logging.INFO:
-            package.setLevel(logging.INFO)
-        package.addHandler(self.handler)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self.handler is not None
-        if exc is not None:
-            # Straight to the file: the application reports the failure its own way.
-            record = logging.getLogger(PACKAGE_LOGGER).makeRecord(
-                PACKAGE_LOGGER, logging.ERROR, __file__, 0, "Stopped by an error", (), (exc_type, exc, tb)
-            )
-            self.handler.handle(record)
-        package = logging.getLogger(PACKAGE_LOGGER)
-        package.removeHandler(self.handler)
-        package.setLevel(self.saved_level)
-        self.handler.close()
 
 
 def create_run(config: RunConfig, datamodule: Any) -> RunDirectory:
@@ -127,17 +80,24 @@ class RunSession:
             self.run.update_manifest(status=RunStatus.FAILED)
             raise
 
-    def trained(self, splits: dict[str, str]) -> None:
-        """Mark the run complete, with the fingerprints of the splits it learned from."""
+    def trained(self, splits: dict[str, str], stages: dict[str, float]) -> None:
+        """Mark the run complete, with the fingerprints of the splits it learned from and its stage times.
+
+        Args:
+            splits: Fingerprint of each split, by name.
+            stages: Wall seconds of each training stage (``decode``, ``tiles``, ``statistics``).
+        """
         # Time of this session only: a resumed run reports the time it took to finish.
         seconds = round(time.perf_counter() - self.started, 1)
-        self.run.update_manifest(status=RunStatus.TRAINED, splits=splits, training_seconds=seconds)
+        self.run.update_manifest(
+            status=RunStatus.TRAINED, splits=splits, training_seconds=seconds, training_stages=stages
+        )
 
-    def evaluated(self, output: Path, results: dict[str, float]) -> None:
-        """Record an evaluation folder and its metrics in the manifest."""
+    def evaluated(self, output: Path, results: dict[str, float], seconds: float) -> None:
+        """Record an evaluation folder, its metrics and its wall seconds in the manifest."""
         manifest = self.run.manifest()
         manifest.setdefault("evaluations", []).append(
-            {"dir": str(output.relative_to(self.run.root)), "metrics": results}
+            {"dir": str(output.relative_to(self.run.root)), "metrics": results, "seconds": round(seconds, 2)}
         )
         self.run.write_manifest(manifest)
 

@@ -23,7 +23,7 @@ from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.execution.planner import TilePlanner
 from anomalib_tiled.execution.runners.factory import check_execution
 from anomalib_tiled.merge.merging import build_merger, merged_batches
-from anomalib_tiled.merge.statistics import statistics_for
+from anomalib_tiled.merge.statistics import Statistics, statistics_for
 from anomalib_tiled.progress import ProgressListener, Task
 from anomalib_tiled.report import ReportCollector, render_report
 from anomalib_tiled.run.config import RunConfig
@@ -52,7 +52,7 @@ class SplitPredictor:
         context: Run, model factory and settings of the tile jobs.
         settings: The ensemble's settings.
         listener: Progress reporting.
-        batch_size: Tiles per batch when tile models predict.
+        batch_size: Tiles per batch when tile models predict (default: the run's eval batch size).
     """
 
     def __init__(
@@ -61,13 +61,13 @@ class SplitPredictor:
         trained: RunConfig,
         settings: EnsembleSettings,
         listener: ProgressListener,
-        batch_size: int,
+        batch_size: int | None = None,
     ) -> None:
         self.context = context
         self.trained = trained
         self.settings = settings
         self.listener = listener
-        self.batch_size = batch_size
+        self.batch_size = batch_size or trained.eval_batch_size
 
     @classmethod
     def for_run(
@@ -80,13 +80,12 @@ class SplitPredictor:
     ) -> SplitPredictor:
         """Tile inference of a trained run, after checking the settings against this machine.
 
-        Tiles are predicted in batches of the data module's ``eval_batch_size`` (else the run's, else 32).
+        Tiles are predicted in batches of the data module's ``eval_batch_size``, else the run's.
         """
         check_environment(settings)
         factory = ModelFactory.from_spec(trained.model_spec)
-        batch = getattr(datamodule, "eval_batch_size", None) or trained.eval_batch_size
         context = TileContext(run, factory, settings.training, settings.runtime)
-        return cls(context, trained, settings, listener, int(batch))
+        return cls(context, trained, settings, listener, getattr(datamodule, "eval_batch_size", None))
 
     def missing(self, fingerprint: str) -> list[TilePosition]:
         """Tile positions that have not predicted the split ``fingerprint`` yet."""
@@ -142,6 +141,7 @@ def write_results(
     timings: dict[str, float],
     timing: tuple[str, float],
     maps_dir: Path | None = None,
+    statistics: Statistics | None = None,
 ) -> Results:
     """Merge a split's tile predictions and write every output of ``eval`` and ``predict`` into ``output``.
 
@@ -154,10 +154,11 @@ def write_results(
         timings: Timings the report lists besides this stage's own.
         timing: Name and start (``time.perf_counter()``) of this stage, for the report.
         maps_dir: Where the merged maps are kept (``.npy``), or None.
+        statistics: The run's statistics when already in memory (right after training), else from the run.
     """
     run, settings = predictor.context.run, predictor.settings
     grid, post = settings.grid, settings.postprocessing
-    statistics = statistics_for(run, settings, output)
+    statistics = statistics or statistics_for(run, settings, output)
     pixel_range = statistics.pixel_range(run_store(run, record.fingerprint), grid)
     suite = MetricSuite(post.metrics.image, post.metrics.pixel if record.has_masks else [], pixel_range)
     collector = ReportCollector(grid, statistics.image_threshold, pixel_range, max_side=post.visualization.max_side)

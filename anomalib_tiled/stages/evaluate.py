@@ -7,7 +7,6 @@ Results go to a new ``eval/vN`` folder of the run: ``metrics.json``, ``metrics.c
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,18 @@ from typing import Any
 from anomalib_tiled.config.checks import check_metric_inputs
 from anomalib_tiled.config.components import instantiate_datamodule
 from anomalib_tiled.data.sources import DatasetSource
-from anomalib_tiled.data.splits import SplitRecord, recorded_fingerprint, setup_splits, split_fingerprint
+from anomalib_tiled.data.splits import (
+    SplitRecord,
+    decode_workers,
+    recorded_fingerprint,
+    setup_splits,
+    split_fingerprint,
+)
 from anomalib_tiled.errors import DataError
+from anomalib_tiled.merge.statistics import Statistics
 from anomalib_tiled.run.directory import RunDirectory
+from anomalib_tiled.run.log import RunLog
+from anomalib_tiled.run.session import RunSession
 from anomalib_tiled.stages.common import SplitPredictor, write_results
 
 logger = logging.getLogger(__name__)
@@ -51,19 +59,45 @@ def resolve_test_split(predictor: SplitPredictor, datamodule: Any) -> SplitRecor
     check_metric_inputs(source.labels, metrics)
     fingerprint = split_fingerprint(source.image_paths, source.labels)
     directory = recorded if recorded_fingerprint(recorded) in (None, fingerprint) else run.root / "splits" / fingerprint
-    workers = min(getattr(datamodule, "num_workers", 0) or 0, os.cpu_count() or 1)
-    return predictor.prepare("test", source, directory, workers)
+    return predictor.prepare("test", source, directory, decode_workers(datamodule))
 
 
-def evaluate(predictor: SplitPredictor, record: SplitRecord, output: Path) -> dict[str, float]:
-    """Metrics of the merged, post-processed predictions of ``record``; outputs written to ``output``."""
+def evaluate_run(
+    predictor: SplitPredictor,
+    record: SplitRecord | None = None,
+    statistics: Statistics | None = None,
+    datamodule: Any = None,
+) -> tuple[Path, dict[str, float]]:
+    """Evaluate a trained run into a new ``eval/vN`` folder, recorded in the manifest.
+
+    Args:
+        predictor: Tile inference of the run.
+        record: The test split with every tile predicted (right after fitting), or None to resolve it
+            from ``datamodule`` or the run (:func:`resolve_test_split`).
+        statistics: The run's statistics when already in memory, else read (or learned again) from the run.
+        datamodule: The data module whose test split is evaluated when ``record`` is None.
+
+    Returns:
+        The evaluation folder and the metrics.
+    """
+    run = predictor.context.run
     started = time.perf_counter()
-    timings = run_timings(predictor.context.run)
-    results = write_results(
-        predictor, record, output, evaluate=True, timings=timings, timing=("evaluation (s)", started)
-    )
-    logger.info("Evaluation of %d images written to %s: %s", len(record), output, results.metrics)
-    return results.metrics
+    with RunLog(run.log_path):
+        record = record or resolve_test_split(predictor, datamodule)
+        output = run.new_output_dir("eval")
+        timings = run_timings(run)
+        results = write_results(
+            predictor,
+            record,
+            output,
+            evaluate=True,
+            timings=timings,
+            timing=("evaluation (s)", started),
+            statistics=statistics,
+        )
+        logger.info("Evaluation of %d images written to %s: %s", len(record), output, results.metrics)
+    RunSession(run, len(predictor.settings.grid)).evaluated(output, results.metrics, time.perf_counter() - started)
+    return output, results.metrics
 
 
 def run_timings(run: RunDirectory) -> dict[str, float]:
