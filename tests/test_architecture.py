@@ -1,4 +1,4 @@
-"""Architecture rules of the package (issue #9), checked on its source with ``ast``: nothing is imported.
+"""Architecture rules of the package, checked on its source with ``ast``: nothing is imported.
 
 * no module of ``anomalib_tiled/`` is over :data:`MAX_MODULE_LINES` physical lines, and the façade
   ``engine.py`` is at most :data:`MAX_ENGINE_LINES`;

@@ -1,4 +1,4 @@
-"""Calibrated merging end to end (issue #12): held-out normal images, learned tile scales, re-evaluation."""
+"""Tile scaling end to end: held-out normal images, learned tile scales, re-evaluation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exported ensembles (issue #11): every backend reproduces run-based ``predict``.
+"""Exported ensembles: every backend reproduces run-based ``predict``.
 
 Parity: anomaly maps within 1e-3, normalised scores within 1e-4, identical labels and masks (fp32);
 fp16 and int8 artifacts agree with ``predict`` on at least 95 % of the labels.

@@ -1,4 +1,4 @@
-"""HTML report (issue #13): collector values, plots, JSON round trip, rendering, and a real browser."""
+"""HTML report: collector values, plots, JSON round trip, rendering, and a real browser."""
 
 from __future__ import annotations
 

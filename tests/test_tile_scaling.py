@@ -1,4 +1,4 @@
-"""Calibrated merging (issue #12): tile scales learned from normal images, held-out shares, top-k pooling."""
+"""Tile scaling: tile scales learned from normal images, held-out shares, top-k pooling."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def setup_splits(datamodule: Any, seed: int) -> dict[str, Any]:
 
 
 def calibration_indices(count: int, share: float, seed: int) -> list[int]:
-    """Training images held out of fitting to calibrate the tile scales: a seeded random ``share`` (at least one).
+    """Training images held out of fitting to learn the tile scales from: a seeded random ``share`` (at least one).
 
     Raises:
         DataError: If holding them out leaves no image to fit on.

@@ -1,4 +1,4 @@
-"""HTML report of an evaluation or prediction run (issue #13).
+"""HTML report of an evaluation or prediction run.
 
 :class:`ReportCollector` is fed merged predictions while evaluation streams and keeps memory flat;
 its :meth:`~ReportCollector.finish` writes the gallery pictures and ``report_data.json``;
