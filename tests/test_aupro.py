@@ -8,7 +8,8 @@ from anomalib.metrics import AUPRO
 
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.merge.merging import MergedBatch
-from anomalib_tiled.sinks.metrics import MetricSuite, StreamingAUPRO, build_metric
+from anomalib_tiled.sinks.aupro import StreamingAUPRO
+from anomalib_tiled.sinks.metrics import MetricSuite, build_metric
 
 SIDE = 64
 

@@ -11,7 +11,8 @@ from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 from anomalib_tiled.errors import ConfigError
 from anomalib_tiled.merge.merging import MergedBatch
-from anomalib_tiled.sinks.metrics import MetricSuite, binned_confusion, binned_thresholds, build_metric
+from anomalib_tiled.sinks.binning import binned_confusion, binned_thresholds
+from anomalib_tiled.sinks.metrics import MetricSuite, build_metric
 
 
 @given(st.integers(1, 400), st.integers(2, 64), st.integers(0, 2**31 - 1))

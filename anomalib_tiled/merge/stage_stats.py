@@ -23,7 +23,7 @@ from anomalib.metrics import AnomalibMetric, MinMax
 from anomalib.post_processing import PostProcessor
 
 from anomalib_tiled.config.components import class_spec, threshold_class
-from anomalib_tiled.sinks.metrics import binned_thresholds, streaming_binned
+from anomalib_tiled.sinks.binning import binned_thresholds, streaming_binned
 
 NAN = float("nan")
 

@@ -19,7 +19,8 @@ from anomalib_tiled.report.curves import image_curves, pixel_curves, score_histo
 from anomalib_tiled.report.data import REPORT_DATA, Gallery, GalleryItem, ReportData
 from anomalib_tiled.report.gallery import BoundedHeap, Candidate, gallery_picture
 from anomalib_tiled.run.directory import atomic_write_text
-from anomalib_tiled.sinks.metrics import binned_confusion, binned_thresholds, region_overlap
+from anomalib_tiled.sinks.aupro import region_overlap
+from anomalib_tiled.sinks.binning import binned_confusion, binned_thresholds
 from anomalib_tiled.sinks.visualization import output_name
 from anomalib_tiled.tiling import TileGrid
 

@@ -4,7 +4,7 @@ Image curves come from torchmetrics' functional API on the exact per-image score
 come from confusion matrices over fixed thresholds (see :mod:`anomalib_tiled.sinks.metrics`), so they
 cost the same memory for ten images or ten thousand. The PRO curve is streamed the same way, with
 the helpers of the streaming ``AUPRO`` metric: every ground-truth region's pixel scores are
-histogrammed over those thresholds as the region goes by (:func:`~anomalib_tiled.sinks.metrics.region_overlap`).
+histogrammed over those thresholds as the region goes by (:func:`~anomalib_tiled.sinks.aupro.region_overlap`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torchmetrics.functional.classification import (
 )
 
 from anomalib_tiled.report.data import Curve, Histogram, TileGridSummary
-from anomalib_tiled.sinks.metrics import pro_area, pro_curve
+from anomalib_tiled.sinks.aupro import pro_area, pro_curve
 from anomalib_tiled.tiling import TileGrid
 
 MAX_POINTS = 1000

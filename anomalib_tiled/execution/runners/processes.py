@@ -1,6 +1,6 @@
 """The ``processes`` runner: tile jobs in local worker processes, each pinned to one device.
 
-Each worker is a fresh interpreter (``python -c "...tile_worker import main"``: no CUDA state or
+Each worker is a fresh interpreter (``python -c "...runners.worker import main"``: no CUDA state or
 locks inherited, and unlike ``multiprocessing``'s spawn it never re-runs the caller's script). Its
 environment pins it before anything is imported: ``CUDA_VISIBLE_DEVICES`` names its one GPU and
 ``OMP_NUM_THREADS`` its threads (:func:`~anomalib_tiled.execution.runners.placement.worker_environment`). Jobs and
