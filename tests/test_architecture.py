@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,27 @@ PACKAGE = "anomalib_tiled"
 MAX_MODULE_LINES = 400
 MAX_ENGINE_LINES = 250
 MAX_FUNCTION_LINES = 50
+MAX_TOP_LEVEL_MODULES = 12
+ARCHITECTURE_DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+
+LAYER_RULES: dict[str, tuple[str, ...]] = {
+    # importer (a module or a package prefix) -> what it never imports
+    "settings": ("*", "!errors", "!tiling"),
+    "errors": ("*",),
+    "tiling": ("*",),
+    "config": ("execution", "stages", "merge", "report", "export", "deploy", "cli", "integration"),
+    "data": ("execution", "stages", "merge", "report", "export", "deploy", "cli", "integration"),
+    "run": ("execution", "stages", "merge", "report", "export", "deploy", "cli", "integration"),
+    "merge": ("execution", "stages", "report", "export", "deploy", "cli", "integration"),
+    "sinks": ("execution", "stages", "report", "export", "deploy", "cli", "integration"),
+    "report": ("execution", "stages", "export", "deploy", "cli", "integration"),
+    "execution": ("stages", "report", "export", "deploy", "cli", "integration"),
+    "export": ("stages", "deploy", "cli", "integration"),
+    "deploy": ("stages", "execution", "cli", "integration"),
+    "stages": ("cli", "integration", "engine"),
+    "engine": ("cli", "integration"),
+}
+"""One-way layers: ``*`` is every module of the package, ``!name`` an exception to it."""
 
 
 def package_dir() -> Path:
@@ -247,6 +269,76 @@ def test_no_import_cycle_between_modules(package_files: dict[str, Path]) -> None
     assert not cycles, "import cycles:\n" + format_cycles(cycles)
 
 
+def _part(module: str) -> str:
+    """``anomalib_tiled.config.format`` -> ``config``; the package itself -> ``""``."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def layer_violations(graph: dict[str, set[str]], rules: dict[str, tuple[str, ...]]) -> list[str]:
+    """``importer -> imported`` edges that :data:`LAYER_RULES`-style ``rules`` forbid."""
+    found = []
+    for importer, imported in sorted(graph.items()):
+        rule = rules.get(_part(importer), ())
+        allowed = {name[1:] for name in rule if name.startswith("!")}
+        forbidden = {name for name in rule if not name.startswith("!")}
+        for target in sorted(imported):
+            part = _part(target)
+            if part == _part(importer) or part in allowed:
+                continue
+            if "*" in forbidden or part in forbidden:
+                found.append(f"{importer} -> {target}")
+    return found
+
+
+def test_imports_follow_the_layers(package_files: dict[str, Path]) -> None:
+    violations = layer_violations(import_graph(package_files), LAYER_RULES)
+    assert not violations, "imports against the layers (docs/architecture.md):\n" + "\n".join(violations)
+
+
+def test_only_the_cli_and_the_integration_import_the_cli(package_files: dict[str, Path]) -> None:
+    graph = import_graph(package_files)
+    importers = sorted(
+        name
+        for name, imported in graph.items()
+        if any(_part(target) == "cli" for target in imported) and _part(name) not in {"cli", "integration"}
+    )
+    assert importers == [f"{PACKAGE}.__main__"], f"modules importing cli/: {importers}"
+
+
+def test_the_top_level_holds_at_most_12_modules(package_files: dict[str, Path]) -> None:
+    top = sorted(
+        path.name for name, path in package_files.items() if name.count(".") <= 1 and path.parent == package_dir()
+    )
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at the top level: {top}"
+
+
+def test_every_subpackage_says_its_role_in_one_line(package_files: dict[str, Path]) -> None:
+    for name, path in package_files.items():
+        if path.name != "__init__.py" or name == PACKAGE:
+            continue
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        summary, _, rest = (docstring or "").partition("\n")
+        assert summary.endswith("."), f"{path}: its docstring starts with one line saying the subpackage's role"
+        assert not rest or rest.startswith("\n"), f"{path}: the role fits in the docstring's first line"
+
+
+def documented_modules(text: str) -> set[str]:
+    """Module paths in the first column of the "Module map" table of ``docs/architecture.md``."""
+    section = text.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return {path for row in rows for path in re.findall(r"`([\w/]+\.py)`", row.split("|")[1])}
+
+
+def test_the_module_map_lists_every_module_and_nothing_else(package_files: dict[str, Path]) -> None:
+    root = package_dir()
+    files = {path.relative_to(root).as_posix() for path in package_files.values() if path.name != "__init__.py"}
+    documented = documented_modules(ARCHITECTURE_DOC.read_text(encoding="utf-8"))
+    assert not files - documented, (
+        f"modules missing from docs/architecture.md's module map: {sorted(files - documented)}"
+    )
+    assert not documented - files, f"docs/architecture.md lists modules that do not exist: {sorted(documented - files)}"
+
+
 # -- the checker itself, on tiny packages ----------------------------------------------------------
 
 
@@ -301,3 +393,20 @@ def test_imports_are_resolved_and_cycles_printed(tmp_path: Path) -> None:
 def test_module_length_counts_physical_lines(tmp_path: Path) -> None:
     files = _write_package(tmp_path / "pkg", {"a.py": "x = 1\n" * 401, "b.py": "x = 1\n" * 400})
     assert long_modules(files) == ["pkg.a: 401 lines"]
+
+
+def test_layer_violations_name_the_forbidden_edges() -> None:
+    graph = {
+        "pkg.settings": {"pkg.errors", "pkg.merge.x"},
+        "pkg.config.a": {"pkg.config.b", "pkg.stages.train"},
+        "pkg.config.b": set(),
+        "pkg.stages.train": {"pkg.config.a"},
+    }
+    rules = {"settings": ("*", "!errors"), "config": ("stages",)}
+    assert layer_violations(graph, rules) == ["pkg.config.a -> pkg.stages.train", "pkg.settings -> pkg.merge.x"]
+
+
+def test_documented_modules_come_from_the_first_column_of_the_map() -> None:
+    table = "| Module | Holds |\n| --- | --- |\n| `a.py`, `b/c.py` | see `d.py` |\n"
+    text = f"## Module map\n\n{table}\n## Seams\n| `e.py` | x |\n"
+    assert documented_modules(text) == {"a.py", "b/c.py"}

@@ -1,8 +1,8 @@
-"""Tile loop: fit every tile position, or predict a split with every trained tile model.
+"""Tile planner: fit every tile position, or predict a split with every trained tile model.
 
-The loop decides *which* tile jobs are needed (a resumed run skips tiles whose checkpoint and
+The planner decides *which* tile jobs are needed (a resumed run skips tiles whose checkpoint and
 predictions are verified; an evaluation predicts only tiles whose predictions are missing) and hands
-them to a runner (:mod:`anomalib_tiled.execution.runners.serial`), which decides where they run.
+them to a runner (:mod:`anomalib_tiled.execution.runners`), which decides where they run.
 """
 
 from __future__ import annotations

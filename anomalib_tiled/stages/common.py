@@ -89,9 +89,9 @@ class SplitPredictor:
 
     def missing(self, fingerprint: str) -> list[TilePosition]:
         """Tile positions that have not predicted the split ``fingerprint`` yet."""
-        return self._loop().missing(run_store(self.context.run, fingerprint), fingerprint)
+        return self._planner().missing(run_store(self.context.run, fingerprint), fingerprint)
 
-    def _loop(self) -> TilePlanner:
+    def _planner(self) -> TilePlanner:
         return TilePlanner(self.context, self.settings.grid, self.listener)
 
     def prepare(self, name: str, source: DatasetSource | FileSource, directory: Path, workers: int) -> SplitRecord:
@@ -111,7 +111,7 @@ class SplitPredictor:
         record, images = cache.decode(name, source, directory, workers, images=bool(missing))
         if images is not None:
             try:
-                self._loop().predict(TileSplit(record, images, self.batch_size, store), missing)
+                self._planner().predict(TileSplit(record, images, self.batch_size, store), missing)
             finally:
                 cache.drop()
         return record

@@ -1,4 +1,6 @@
-"""Runners: *where* tile jobs execute, kept apart from *what* they do (:mod:`anomalib_tiled.execution.jobs`).
+"""The runner protocol, the loop every runner shares, and the serial runner.
+
+Runners decide *where* tile jobs execute, kept apart from *what* they do (:mod:`anomalib_tiled.execution.jobs`).
 
 A runner takes independent tile jobs and returns their results; the stages that build the jobs do
 not know how they are scheduled. Three runners share one loop, :func:`drive`, and differ only in
