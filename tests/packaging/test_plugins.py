@@ -22,8 +22,8 @@ from anomalib.pipelines import Benchmark
 from anomalib_tiled.integration import plugins
 from anomalib_tiled.integration.pipeline import TiledPipeline
 from anomalib_tiled.integration.plugins import PluginWarning, register_pipelines
+from tests.conftest import REPO as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 HOOK_SOURCE = ROOT / "startup" / "anomalib_tiled_autoload.py"
 DISABLE_ENV = "ANOMALIB_DISABLE_PLUGIN_AUTOLOAD"
 BIN = Path(sys.executable).parent

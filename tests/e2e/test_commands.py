@@ -16,9 +16,7 @@ import yaml
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
 from anomalib_tiled.data.synthetic import CATEGORY
-from tests.conftest import IMAGE_SIZE, TILE_SIZE
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import IMAGE_SIZE, REPO, TILE_SIZE
 
 
 @pytest.fixture

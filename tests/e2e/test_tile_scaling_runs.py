@@ -12,7 +12,7 @@ from anomalib_tiled.data.splits import SplitRecord
 from anomalib_tiled.data.synthetic import CATEGORY, make_dataset
 from anomalib_tiled.export import export_run
 from tests.conftest import IMAGE_SIZE, base_config, write_config
-from tests.test_export import assert_parity, run_based_predict
+from tests.e2e.test_export import assert_parity, run_based_predict
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO as ROOT
+
 HOOK_FILES = ("anomalib_tiled_autoload.py", "anomalib_tiled_autoload.pth", "anomalib_tiled_autoload.start")
 HOOK_MODULE = "anomalib_tiled_autoload"
 DISABLE_ENV = "ANOMALIB_DISABLE_PLUGIN_AUTOLOAD"
