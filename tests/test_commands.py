@@ -116,6 +116,8 @@ def test_train_console_is_quiet_and_reports_each_tile(dataset_root: Path, tmp_pa
     summary = stderr.strip().splitlines()[-3:]
     assert summary[0].startswith("Metrics: image_AUROC ") and summary[1].startswith("Run: ")
     assert summary[2].startswith("Report: ") and Path(summary[2].removeprefix("Report: ")).is_file()
+    # The Report line is the last thing train prints: nothing follows it on stdout.
+    assert not (tmp_path / "out").read_text()
 
 
 @pytest.mark.slow
