@@ -41,8 +41,9 @@ def train(options: list[str], progress: ConsoleProgress) -> int:
         _summary(progress, results[0], engine.evaluation_dir)
     else:
         engine.fit(model_spec, datamodule, resume=cfg.resume, data_spec=data_spec)
-    assert engine.run is not None
-    sys.stdout.write(f"{engine.run.root}\n")
+        # Without an evaluation there is no report: the run folder is the last line.
+        assert engine.run is not None
+        progress.message(f"Run: {engine.run.root}")
     return 0
 
 

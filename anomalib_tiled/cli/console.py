@@ -2,13 +2,16 @@
 
 The library reports through :class:`~anomalib_tiled.progress.ProgressListener`; here that becomes
 rich progress bars on a terminal, or one plain line per finished tile (with time and ETA) when the
-output is a file or a CI log. :func:`command_environment` sets logging, warning filters and signal
-handlers up for one command and puts everything back afterwards.
+output is a file or a CI log, where third-party progress bars are turned off. :func:`command_environment`
+sets logging, warning filters, progress bars and signal handlers up for one command and puts everything
+back afterwards.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -112,8 +115,9 @@ def command_environment(progress: ConsoleProgress) -> Iterator[None]:
     """Logging, warning filters and signal handlers of one ``tiled`` command, restored afterwards.
 
     This package's warnings and errors reach the console as one line each (tracebacks go to the
-    run's ``run.log``); Lightning's per-tile banners and known-harmless notices are filtered only
-    while the command runs, so other anomalib commands in the same process are untouched.
+    run's ``run.log``); Lightning's per-tile banners, known-harmless notices and, off a terminal,
+    third-party progress bars are filtered only while the command runs, so other anomalib commands
+    in the same process are untouched.
     """
     console_handler = logging.StreamHandler()
     console_handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -125,7 +129,7 @@ def command_environment(progress: ConsoleProgress) -> Iterator[None]:
     package.propagate = False
     package.addHandler(console_handler)
     quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    with warnings.catch_warnings(), _signals(progress):
+    with warnings.catch_warnings(), _signals(progress), _progress_bars_off(not progress.console.is_terminal):
         filter_warnings()
         line_filters = filter_log_lines()
         try:
@@ -143,6 +147,34 @@ def quiet_libraries() -> None:
     """Keep Lightning's per-tile banners (devices, tips) off the console; call after importing Lightning."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def _progress_bars_off(enabled: bool) -> Iterator[None]:
+    """The bars of tqdm (anomalib's coreset sampler draws one per tile) off while ``enabled``, then restored.
+
+    In a file or a pipe every update of a bar would be one more line of the log. ``TQDM_DISABLE`` is
+    tqdm's own switch, but tqdm reads it only when imported: the variable reaches the worker processes
+    started meanwhile, and the tqdm of this process, imported first so that it never reads it, gets
+    the same default through its ``__init__``. A bar that sets ``disable`` itself keeps its choice.
+    """
+    if not enabled:
+        yield
+        return
+    from tqdm import std  # noqa: PLC0415 - only off a terminal
+
+    saved_init = vars(std.tqdm)["__init__"]
+    saved_variable = os.environ.get("TQDM_DISABLE")
+    std.tqdm.__init__ = functools.partialmethod(saved_init, disable=True)  # type: ignore[method-assign]
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = saved_init  # type: ignore[method-assign]
+        if saved_variable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved_variable
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from rich.console import Console
+from tqdm import tqdm
 
 from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
+from anomalib_tiled.cli.console import ConsoleProgress, command_environment
 from anomalib_tiled.data.synthetic import CATEGORY
-from tests.conftest import IMAGE_SIZE, REPO, TILE_SIZE
+from tests.conftest import IMAGE_SIZE, REPO, TILE_SIZE, base_config, write_config
 
 
 @pytest.fixture
@@ -114,6 +119,46 @@ def test_train_console_is_quiet_and_reports_each_tile(dataset_root: Path, tmp_pa
     summary = stderr.strip().splitlines()[-3:]
     assert summary[0].startswith("Metrics: image_AUROC ") and summary[1].startswith("Run: ")
     assert summary[2].startswith("Report: ") and Path(summary[2].removeprefix("Report: ")).is_file()
+    # The Report line is the last thing train prints: nothing follows it on stdout.
+    assert not (tmp_path / "out").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["serial", "processes"])
+def test_train_into_a_file_shows_no_third_party_progress_bars(dataset_root: Path, tmp_path: Path, runner: str) -> None:
+    """PatchCore's coreset sampler draws a tqdm bar; in a log file only our one line per tile shows."""
+    model = {
+        "class_path": "Patchcore",
+        "init_args": {"backbone": "resnet18", "pre_trained": False, "coreset_sampling_ratio": 0.1},
+    }
+    cfg = base_config(dataset_root, tmp_path / "results", visualization={"save": False})
+    cfg["TrainModels"] = {**cfg["TrainModels"], "model": model}
+    cfg["execution"] = {"runner": runner}
+    config = write_config(tmp_path / "c.yaml", cfg)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with (tmp_path / "log").open("w") as log:
+        command = [sys.executable, "-m", "anomalib_tiled", "train", "--config", str(config)]
+        status = subprocess.call(command, stdout=log, stderr=log, env=env, cwd=tmp_path)
+    text = (tmp_path / "log").read_bytes().decode()  # not read_text(): it would turn each "\r" into "\n"
+    assert status == 0, text
+    bars = [marker for marker in ("Selecting Coreset Indices", "\r", "it/s") if marker in text]
+    assert not bars, f"{text.count(chr(13))} progress bar updates ({bars}) in:\n{text}"
+    assert len(re.findall(r"^\[\d/4\] tile_r\d_c\d done in", text, re.MULTILINE)) == 4, text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("Report: ") and Path(last.removeprefix("Report: ")).is_file(), text
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_third_party_progress_bars_are_off_only_while_a_command_prints_to_a_file(
+    terminal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with command_environment(ConsoleProgress(Console(file=io.StringIO(), force_terminal=terminal))):
+        assert tqdm(range(1), file=io.StringIO()).disable is not terminal
+        # Worker processes started meanwhile import tqdm with the same default.
+        assert (os.environ.get("TQDM_DISABLE") == "1") is not terminal
+    assert not tqdm(range(1), file=io.StringIO()).disable
+    assert "TQDM_DISABLE" not in os.environ
 
 
 @pytest.mark.slow
