@@ -146,18 +146,20 @@ class TiledEnsembleEngine:
         model_spec: dict | None = None,
         runtime: RuntimeSettings | None = None,
         progress: ProgressListener | None = None,
+        trained: RunConfig | None = None,
     ) -> TiledEnsembleEngine:
         """Engine for a trained run: its own settings, or ``settings`` checked against the run's.
 
         ``model_spec`` is checked against the run's model too; ``runtime`` says where to run now
-        (``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run).
+        (``RuntimeSettings(accelerator="cpu")`` for a GPU-trained run); ``trained`` is the run's
+        ``config.yaml`` when the caller has read it already.
 
         Raises:
             RunDirectoryError: If ``root`` is not a finished run.
             ConfigError: If ``settings`` change what the run was trained with (tiling, seed, model...).
         """
         run = RunDirectory.open(root)
-        trained = read_run_config(run)
+        trained = trained or read_run_config(run)
         chosen = settings or trained.settings
         check_frozen(trained, chosen, model_spec)
         engine = cls.from_settings(dataclasses.replace(chosen, runtime=runtime or chosen.runtime), progress)

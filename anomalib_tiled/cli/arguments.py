@@ -18,7 +18,7 @@ from anomalib_tiled.config.format import add_execution_arguments, add_settings_a
 from anomalib_tiled.config.legacy import PARSER_MODE, register_loader
 from anomalib_tiled.config.parse_errors import condense_parser_error
 from anomalib_tiled.errors import ConfigError
-from anomalib_tiled.run.config import run_config_args
+from anomalib_tiled.run.config import SavedConfig
 from anomalib_tiled.run.directory import RunDirectory
 
 ROOT_HELP = "Run directory printed by 'anomalib tiled train'."
@@ -88,24 +88,30 @@ def _add_export_arguments(parser: ArgumentParser) -> None:
     )
 
 
-def parse_args(command: str, args: list[str]) -> Namespace:
+def parse_args(command: str, args: list[str]) -> tuple[Namespace, SavedConfig | None]:
     """Parse the arguments of a subcommand (``eval`` and ``--resume`` start from the run's config).
+
+    Returns:
+        The parsed arguments, and the ``config.yaml`` of the run they name (read once), if any.
 
     Raises:
         ConfigError: With a one-line message on any parsing error.
         RunDirectoryError: If ``--root``/``--resume`` is not a run.
     """
     parser = build_parser(command)
+    saved = None
     if command == "eval" and (root := _argument(args, "--root")) is not None:
-        args = [*run_config_args(RunDirectory.open(root).config_path), *args]
+        saved = SavedConfig.read(RunDirectory.open(root))
+        args = [*saved.args, *args]
     if command == "train" and (root := _argument(args, "--resume")) is not None:
-        args = [*run_config_args(RunDirectory.open(root, require_trained=False, option="--resume").config_path), *args]
+        saved = SavedConfig.read(RunDirectory.open(root, require_trained=False, option="--resume"))
+        args = [*saved.args, *args]
     if command == "predict" and (root := _argument(args, "--root")) is not None:
+        saved = SavedConfig.read(RunDirectory.open(root))
         # Like every unset predict option, the execution keys default to the run's own.
-        config = yaml.safe_load(RunDirectory.open(root).config_path.read_text(encoding="utf-8"))
-        parser.set_defaults({"execution": config.get("execution") or {}})
+        parser.set_defaults({"execution": (yaml.safe_load(saved.text) or {}).get("execution") or {}})
     try:
-        return parser.parse_args(args)
+        return parser.parse_args(args), saved
     except ArgumentError as error:
         raise ConfigError(condense_parser_error(str(error), parser)) from None
 

@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 
     from jsonargparse import Namespace
 
+    from anomalib_tiled.run.config import SavedConfig
+
 
 def train(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled train``: fit every tile (or finish ``--resume``), then evaluate."""
-    cfg = _parse("train", options)
+    cfg, _ = _parse("train", options)
     settings = settings_from_namespace(cfg)
     model_spec = spec_from_namespace(cfg.TrainModels.get("model"))
     data_spec = spec_from_namespace(cfg.get("data"))
@@ -49,10 +51,11 @@ def train(options: list[str], progress: ConsoleProgress) -> int:
 
 def evaluate(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled eval``: evaluate a run again, post-processing settings may change."""
-    cfg = _parse("eval", options)
+    cfg, saved = _parse("eval", options)
     settings = settings_from_namespace(cfg)
     model_spec = spec_from_namespace(cfg.TrainModels.get("model"))
-    engine = TiledEnsembleEngine.from_run(cfg.root, settings, model_spec=model_spec, progress=progress)
+    trained = saved.config if saved else None
+    engine = TiledEnsembleEngine.from_run(cfg.root, settings, model_spec=model_spec, progress=progress, trained=trained)
     assert engine.trained is not None
     data_spec = spec_from_namespace(cfg.get("data"))
     datamodule = None if data_spec == engine.trained.data_spec else instantiate_datamodule(data_spec)
@@ -63,7 +66,7 @@ def evaluate(options: list[str], progress: ConsoleProgress) -> int:
 
 def predict(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled predict``: apply a run (``--root``) or an exported one (``--model``) to unlabeled images."""
-    cfg = _parse("predict", options)
+    cfg, saved = _parse("predict", options)
     changes = {key: value for key, value in vars(cfg.visualization).items() if value is not None}
     if (cfg.root is None) == (cfg.model is None):
         msg = "predict: give either --root RUN (the trained run) or --model ARTIFACT (an exported one), not both"
@@ -74,7 +77,7 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
 
         predict_with_artifact(TiledInferencer(cfg.model, cfg.device), cfg.data, cfg.output, progress, changes)
         return 0
-    engine = TiledEnsembleEngine.from_run(cfg.root, progress=progress)
+    engine = TiledEnsembleEngine.from_run(cfg.root, progress=progress, trained=saved.config if saved else None)
     trained = engine.settings
     post = dataclasses.replace(
         trained.postprocessing, visualization=dataclasses.replace(trained.postprocessing.visualization, **changes)
@@ -96,7 +99,7 @@ def predict(options: list[str], progress: ConsoleProgress) -> int:
 
 def report(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled report``: render an evaluation's ``report.html`` again from its saved data."""
-    cfg = _parse("report", options)
+    cfg, _ = _parse("report", options)
     run = RunDirectory.open(cfg.root)
     folder = run.root / "eval" / cfg.eval if cfg.eval else latest_version(run.root / "eval")
     if folder is None or not (folder / REPORT_DATA).is_file():
@@ -110,7 +113,7 @@ def report(options: list[str], progress: ConsoleProgress) -> int:
 
 def export(options: list[str], progress: ConsoleProgress) -> int:
     """``anomalib tiled export``: one deployable artifact of a trained run; prints its folder."""
-    cfg = _parse("export", options)
+    cfg, _ = _parse("export", options)
     from anomalib_tiled.export import export_run  # noqa: PLC0415 - exporters load on use
 
     directory = export_run(
@@ -128,10 +131,10 @@ def export(options: list[str], progress: ConsoleProgress) -> int:
 COMMANDS = {"train": train, "eval": evaluate, "predict": predict, "report": report, "export": export}
 
 
-def _parse(command: str, options: list[str]) -> Namespace:
-    cfg = parse_args(command, options)
+def _parse(command: str, options: list[str]) -> tuple[Namespace, SavedConfig | None]:
+    parsed = parse_args(command, options)
     quiet_libraries()  # after the imports: importing Lightning resets its loggers to INFO
-    return cfg
+    return parsed
 
 
 def _summary(progress: ConsoleProgress, results: dict[str, float], output: Path | None) -> None:

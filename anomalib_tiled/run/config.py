@@ -43,13 +43,52 @@ PRE_SCALING_VALUES = (("TrainModels.calibration_share", "0"), ("merge.tile_scali
 keys) were trained and merged with: they hold no images out, so they merge raw tiles."""
 
 
-def run_config_args(path: Path) -> list[str]:
-    """``--config <a run's config.yaml>``, plus the values of the keys an older run does not record."""
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    args = ["--config", str(path)]
-    if "calibration_share" not in (config.get("TrainModels") or {}):
-        args += [f"--{key}={value}" for key, value in PRE_SCALING_VALUES]
-    return args
+class SavedConfig:
+    """A run's ``config.yaml``, read once: its text, the parser arguments that load it, and its settings.
+
+    Args:
+        path: The file (for messages).
+        text: Its content.
+    """
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+        self._parsed: RunConfig | None = None
+
+    @classmethod
+    def read(cls, run: RunDirectory) -> SavedConfig:
+        """The ``config.yaml`` of ``run``."""
+        return cls(run.config_path, run.config_path.read_text(encoding="utf-8"))
+
+    @property
+    def args(self) -> list[str]:
+        """``--config <the file's content>``, plus the values of the keys an older run does not record."""
+        config = yaml.safe_load(self.text) or {}
+        args = ["--config", self.text]
+        if "calibration_share" not in (config.get("TrainModels") or {}):
+            args += [f"--{key}={value}" for key, value in PRE_SCALING_VALUES]
+        return args
+
+    @property
+    def config(self) -> RunConfig:
+        """Settings, model spec and data spec the file holds (parsed on first use).
+
+        Nothing about the machine is checked here: a run trained on a GPU is read on a CPU box.
+
+        Raises:
+            ConfigError: If the saved config is no longer valid.
+        """
+        if self._parsed is None:
+            parser = settings_parser()
+            try:
+                cfg = parser.parse_args(self.args)
+            except ArgumentError as error:
+                msg = f"{self.path}: {condense_parser_error(str(error), parser)}"
+                raise ConfigError(msg) from None
+            model, data = spec_from_namespace(cfg.TrainModels.model), spec_from_namespace(cfg.get("data"))
+            self._parsed = RunConfig(settings_from_namespace(cfg), model, data)
+        return self._parsed
 
 
 @dataclass
@@ -79,22 +118,8 @@ def write_run_config(run: RunDirectory, config: RunConfig) -> None:
 
 
 def read_run_config(run: RunDirectory) -> RunConfig:
-    """Settings, model spec and data spec saved in a run's ``config.yaml``.
-
-    Nothing about the machine is checked here: a run trained on a GPU is read on a CPU box.
-
-    Raises:
-        ConfigError: If the saved config is no longer valid.
-    """
-    parser = settings_parser()
-    try:
-        cfg = parser.parse_args(run_config_args(run.config_path))
-    except ArgumentError as error:
-        msg = f"{run.config_path}: {condense_parser_error(str(error), parser)}"
-        raise ConfigError(msg) from None
-    return RunConfig(
-        settings_from_namespace(cfg), spec_from_namespace(cfg.TrainModels.model), spec_from_namespace(cfg.get("data"))
-    )
+    """Settings, model spec and data spec saved in a run's ``config.yaml`` (see :class:`SavedConfig`)."""
+    return SavedConfig.read(run).config
 
 
 def check_frozen(trained: RunConfig, settings: EnsembleSettings, model_spec: dict[str, Any] | None = None) -> None:

@@ -72,7 +72,7 @@ def _guide_config(tmp_path: Path, root: Path) -> Path:
 
 
 def test_guide_config_is_read_into_the_canonical_settings(tmp_path: Path) -> None:
-    cfg = parse_args("train", ["--config", str(_guide_config(tmp_path, tmp_path)), "--accelerator", "cpu"])
+    cfg, _ = parse_args("train", ["--config", str(_guide_config(tmp_path, tmp_path)), "--accelerator", "cpu"])
     settings = settings_from_namespace(cfg)
     assert settings.grid.image_size == (256, 256)
     assert settings.grid.tile_size == (128, 128)
@@ -122,7 +122,7 @@ def test_upstream_format_is_accepted(tmp_path: Path) -> None:
         "SeamSmoothing": {"apply": False, "sigma": 2, "width": 0.1},
         "TrainModels": {"model": {"class_path": "Padim"}},
     }
-    cfg = parse_args("train", ["--config", str(write_config(tmp_path / "up.yaml", upstream))])
+    cfg, _ = parse_args("train", ["--config", str(write_config(tmp_path / "up.yaml", upstream))])
     settings = settings_from_namespace(cfg)
     assert settings.grid.shape == (3, 3)
     assert settings.postprocessing.thresholding.stage == ThresholdStage.TILE
@@ -133,7 +133,7 @@ def test_both_image_sizes_given_tiling_wins_with_a_warning(tmp_path: Path, caplo
     both = base_config(tmp_path, tmp_path)
     both["tiling"]["image_size"] = [96, 96]
     with caplog.at_level(logging.WARNING):
-        cfg = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
+        cfg, _ = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
     assert settings_from_namespace(cfg).grid.image_size == (96, 96)
     assert "using tiling.image_size" in caplog.text
 
@@ -143,14 +143,14 @@ def test_both_threshold_stages_given_thresholding_stage_key_loses(
 ) -> None:
     both = base_config(tmp_path, tmp_path, thresholding_stage="tile")
     with caplog.at_level(logging.WARNING):
-        cfg = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
+        cfg, _ = parse_args("train", ["--config", str(write_config(tmp_path / "c.yaml", both))])
     assert settings_from_namespace(cfg).postprocessing.thresholding.stage == ThresholdStage.IMAGE
     assert "using thresholding.stage" in caplog.text
 
 
 def test_command_line_overrides_any_key(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", base_config(tmp_path, tmp_path))
-    cfg = parse_args(
+    cfg, _ = parse_args(
         "train",
         ["--config", str(path), "--tiling.stride", "32", "--TrainModels.model.init_args.backbone", "resnet34"],
     )
