@@ -26,8 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from anomalib_tiled.integration.notices import filter_log_lines, filter_warnings
 from anomalib_tiled.progress import ProgressListener
-
-PACKAGE_LOGGER = "anomalib_tiled"
+from anomalib_tiled.run.log import PACKAGE_LOGGER
 
 # Tasks whose every step is a tile model: reported line by line when not on a terminal.
 TILE_TASKS = ("Training tile models", "Predicting tiles")

@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from anomalib_tiled.run.log import PACKAGE_LOGGER
+
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from anomalib_tiled.execution.jobs import TileResult
-
-PACKAGE_LOGGER = "anomalib_tiled"
 
 
 @dataclass
