@@ -21,6 +21,7 @@ from anomalib_tiled import TiledEnsembleEngine
 from anomalib_tiled.cli import main
 from anomalib_tiled.cli.console import ConsoleProgress, command_environment
 from anomalib_tiled.data.synthetic import CATEGORY
+from anomalib_tiled.settings import TileScaling
 from tests.conftest import IMAGE_SIZE, REPO, TILE_SIZE, base_config, write_config
 
 
@@ -162,12 +163,29 @@ def test_third_party_progress_bars_are_off_only_while_a_command_prints_to_a_file
 
 
 @pytest.mark.slow
-def test_a_run_written_before_tile_calibration_is_still_evaluated_with_raw_tiles(
+def test_a_run_whose_config_says_merge_calibration_is_read_with_the_new_name(run_copy: Path) -> None:
+    """Runs written before ``merge.calibration`` was renamed ``merge.tile_scaling`` keep their scaling."""
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    config["merge"]["calibration"] = config["merge"].pop("tile_scaling")
+    (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    trained = TiledEnsembleEngine.from_run(run_copy).settings.postprocessing.merge.tile_scaling
+    assert trained == TileScaling(config["merge"]["calibration"])
+    assert main(["eval", "--root", str(run_copy)]) == 0
+    first, again = (
+        json.loads((folder / "metrics.json").read_text())
+        for folder in (run_copy / "eval" / "v0", _latest(run_copy / "eval"))
+    )
+    assert again == pytest.approx(first, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_written_before_tile_scaling_is_still_evaluated_with_raw_tiles(
     run_copy: Path, capsys: pytest.CaptureFixture
 ) -> None:
     """Version 0.1 runs hold no images out and their config.yaml lacks the new keys."""
     config = yaml.safe_load((run_copy / "config.yaml").read_text())
-    del config["TrainModels"]["calibration_share"], config["merge"]["calibration"], config["merge"]["top_k"]
+    del config["TrainModels"]["calibration_share"], config["merge"]["tile_scaling"], config["merge"]["top_k"]
     (run_copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     manifest = json.loads((run_copy / "manifest.json").read_text())
     del manifest["splits"]["calibration"]
