@@ -1,13 +1,13 @@
 """Accuracy matrix: datasets x models x seeds, ours (with post-processing variants) vs upstream vs single.
 
-Sides (reusing :mod:`benchmarks.sides`):
+Sides (:mod:`benchmarks.harness.ours`, :mod:`benchmarks.harness.sides`):
     * ``ours``: ``python -m anomalib_tiled train`` once per (dataset, model, seed), then one
       ``eval --root RUN <options>`` per variant (:data:`VARIANTS`, or ``--variant NAME=OPTIONS``);
     * ``upstream``: anomalib 2.7's tiled ensemble (with pixel AUPRO added to its evaluator);
     * ``single``: one model on the whole image, scaled so its longer side is the tile size.
 
 Every side reports image AUROC, pixel AUROC, pixel AUPRO and pixel F1 with anomalib's metrics.
-Datasets (:mod:`benchmarks.accuracy_data`) are built once under ``<out>/data`` (data seed
+Datasets (:mod:`benchmarks.harness.accuracy_data`) are built once under ``<out>/data`` (data seed
 ``--data-seed``); ``--seeds`` seed the models. One JSON per cell
 (``<out>/cells/<dataset>/<model>/seed<k>/<side>.json``); finished cells are skipped on a rerun
 (ours evaluates only the variants it lacks). ``<out>/accuracy.md`` holds the tables.
@@ -34,34 +34,25 @@ from typing import Any
 
 import yaml
 
-from benchmarks.accuracy_data import DATASETS, BenchDataset, DatasetUnavailableError, build
-from benchmarks.accuracy_report import write_tables
-from benchmarks.compare_upstream import parse_choices
-from benchmarks.sides import (
-    CHILDREN,
-    Launcher,
-    SideResult,
-    Workload,
-    finish_metrics,
-    process_error,
-    run_ours,
-    run_reference,
-    run_upstream,
-)
+from benchmarks.harness import cli
+from benchmarks.harness.accuracy_data import DATASETS, BenchDataset, DatasetUnavailableError, build
+from benchmarks.harness.accuracy_report import write_tables
+from benchmarks.harness.files import write_json
+from benchmarks.harness.launch import Launcher, process_error
+from benchmarks.harness.models import PADIM, PATCHCORE
+from benchmarks.harness.ours import run_ours
+from benchmarks.harness.results import SideResult, finish_metrics
+from benchmarks.harness.sides import run_reference, run_upstream
+from benchmarks.harness.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
 MODELS: dict[str, dict[str, Any]] = {
-    "padim": {"class_path": "Padim", "init_args": {"backbone": "resnet18.tv_in1k", "n_features": 100}},
-    # coreset_sampling_ratio stays anomalib's default (0.1).
-    "patchcore": {
-        "class_path": "Patchcore",
-        "init_args": {"backbone": "resnet18.tv_in1k", "layers": ["layer2", "layer3"], "pre_trained": True},
-    },
+    "padim": PADIM,
+    "patchcore": PATCHCORE,
     "padim_random": {"class_path": "Padim", "init_args": {"backbone": "resnet18", "pre_trained": False}},
 }
 VARIANTS: dict[str, list[str]] = {
-    f"{scaling}_{pooling}": ["--merge.tile_scaling", calibration, "--merge.image_score", image_score]
-    for scaling, calibration in (("raw", "none"), ("z", "normal_zscore"), ("q", "normal_quantile"))
+    f"{prefix}_{pooling}": ["--merge.tile_scaling", scaling, "--merge.image_score", image_score]
+    for prefix, scaling in (("raw", "none"), ("z", "normal_zscore"), ("q", "normal_quantile"))
     for pooling, image_score in (("max", "max_map"), ("topk", "topk_map"), ("mean", "mean_tiles"))
 }
 """Post-processing variants of ours (tile scaling x image score), all applied to the one trained run."""
@@ -69,8 +60,6 @@ SIDES = ("ours", "upstream", "single")
 BASE_OURS_OVERRIDES: tuple[tuple[str, Any], ...] = (("visualization.save", False),)
 """Config keys ours always trains with: result pictures cost time and say nothing about accuracy."""
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 def _pairs(entries: list[str], option: str) -> list[tuple[str, str]]:
@@ -91,6 +80,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    cli.add_common_options(parser, "benchmark-results/accuracy", timeout=1800.0)
     parser.add_argument("--datasets", default="textures", help=f"comma-separated subset of {','.join(DATASETS)}")
     parser.add_argument("--models", default="padim", help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated model seeds (default: 0)")
@@ -110,38 +100,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config key of ours' training, VALUE parsed as YAML, e.g. TrainModels.calibration_share=0.2",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmark-results" / "accuracy", help="results folder")
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="folder with data/mvtec_ad")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated datasets (default: 0)")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once, single-threaded each if > 1")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds after which a process is killed")
     parser.add_argument("--rerun-failed", action="store_true", help="run failed cells again (default: keep them)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild accuracy.md from the cell files")
     args = parser.parse_args(argv)
     try:
-        args.dataset_names = parse_choices(args.datasets, DATASETS, "--datasets")
-        args.model_names = parse_choices(args.models, list(MODELS), "--models")
-        args.side_names = parse_choices(args.sides, SIDES, "--sides")
-        args.seed_list = _seeds(args.seeds)
+        args.dataset_names = cli.parse_choices(args.datasets, DATASETS, "--datasets")
+        args.model_names = cli.parse_choices(args.models, list(MODELS), "--models")
+        args.side_names = cli.parse_choices(args.sides, SIDES, "--sides")
+        args.seed_list = cli.whole_numbers(args.seeds, "--seeds")
         args.variant_table = {**VARIANTS, **{k: shlex.split(v) for k, v in _pairs(args.variant, "--variant")}}
-        args.variant_names = parse_choices(args.variants, list(args.variant_table), "--variants")
+        args.variant_names = cli.parse_choices(args.variants, list(args.variant_table), "--variants")
         args.overrides = tuple((k, yaml.safe_load(v)) for k, v in _pairs(args.train_override, "--train-override"))
     except (ValueError, yaml.YAMLError) as error:
         parser.error(str(error).splitlines()[0])
     if args.workers < 1:
         parser.error(f"--workers: expected a whole number >= 1, got {args.workers}")
     return args
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        msg = f"--seeds: expected comma-separated whole numbers, got {text!r}"
-        raise ValueError(msg)
-    return list(dict.fromkeys(seeds))
 
 
 def ours_tag(overrides: tuple[tuple[str, Any], ...]) -> str:
@@ -203,10 +179,9 @@ class Matrix:
         else:
             runner = run_upstream if side == "upstream" else run_reference
             result = runner(self.workload(data, model, seed, single=side == "single"), directory, self.launcher)
-            cell = {"rows": {side: _as_row(result)}}
+            cell = {"rows": {side: result.to_dict()}}
         cell = {**base, **cell}
-        cell_file.parent.mkdir(parents=True, exist_ok=True)
-        cell_file.write_text(json.dumps(cell, indent=2) + "\n", encoding="utf-8")
+        write_json(cell_file, cell)
         for label, row in cell["rows"].items():
             outcome = _metrics_text(row["metrics"]) if row["ok"] else f"FAILED: {row['error']}"
             self.say(f"  {data.name} / {model} / seed {seed}: {label}: {row['wall_s'] or 0:.0f} s, {outcome}")
@@ -227,7 +202,7 @@ class Matrix:
         train = cell["train"] if cell and cell["train"]["ok"] and Path(cell["train"]["run_dir"]).is_dir() else None
         if train is None:
             rows = {}
-            train = _as_row(run_ours(self.workload(data, model, seed), directory, self.launcher, mode="train"))
+            train = run_ours(self.workload(data, model, seed), directory, self.launcher, mode="train").to_dict()
         overrides = [list(pair) for pair in self.args.overrides]
         missing = {
             name: self.args.variant_table[name]
@@ -238,7 +213,7 @@ class Matrix:
             rows.update({_label(name): dict(train) for name in missing})
         elif missing:
             results = eval_ours_variants(Path(train["run_dir"]), directory, self.launcher, missing)
-            rows.update({_label(name): {**_as_row(results[name]), "options": missing[name]} for name in missing})
+            rows.update({_label(name): {**results[name].to_dict(), "options": missing[name]} for name in missing})
         return {"train": train, "train_overrides": overrides, "rows": rows}
 
     def run(self) -> bool:
@@ -271,16 +246,12 @@ def eval_ours_variants(
     Returns:
         Every variant's metrics, or why it failed (the process's wall time is shared by all).
     """
-    spec, result_file = directory / "variants.json", directory / "variants-result.json"
-    spec.parent.mkdir(parents=True, exist_ok=True)
-    spec.write_text(json.dumps(variants, indent=2) + "\n", encoding="utf-8")
+    spec, result_file = write_json(directory / "variants.json", variants), directory / "variants-result.json"
     result_file.unlink(missing_ok=True)
-    command = [launcher.python, str(CHILDREN / "ours_variants.py"), "--root", str(run_dir)]
-    process = launcher.run(
-        [*command, "--variants", str(spec), "--result", str(result_file)],
-        directory / "logs" / "ours-variants",
-        directory,
+    command = launcher.child(
+        "ours_variants.py", "--root", str(run_dir), "--variants", str(spec), "--result", str(result_file)
     )
+    process = launcher.run(command, directory / "logs" / "ours-variants", directory)
     error = process_error(process, "ours eval")
     outcome = json.loads(result_file.read_text(encoding="utf-8")) if error is None and result_file.is_file() else {}
     results = {}
@@ -298,10 +269,6 @@ def eval_ours_variants(
     return results
 
 
-def _as_row(result: SideResult) -> dict[str, Any]:
-    return result.to_dict()
-
-
 def _label(variant: str) -> str:
     return f"ours {variant}"
 
@@ -312,12 +279,9 @@ def _metrics_text(metrics: dict[str, float]) -> str:
 
 def child_env(args: argparse.Namespace) -> dict[str, str]:
     """Environment of the sides: offline hub, the shared backbone cache, one thread each with workers."""
-    env = dict(os.environ)
-    env["HF_HUB_OFFLINE"] = "1"
-    cache = args.shared.resolve() / "hf-cache"
-    if "HF_HOME" not in env and cache.is_dir():
-        env["HF_HOME"] = str(cache)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    cache = args.shared / "hf-cache"
+    env = cli.offline_env(cache if "HF_HOME" not in os.environ and cache.is_dir() else None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cli.REPO), env.get("PYTHONPATH")]))
     if args.workers > 1:
         # Cells share the cores; accuracy does not depend on timing.
         env.update(SINGLE_THREAD_ENV)
@@ -335,14 +299,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         if not (out / "cells").is_dir():
             sys.stderr.write(f"error: --report-only: no cell files under {out / 'cells'}\n")
-            return EXIT_USAGE
+            return cli.EXIT_USAGE
         sys.stdout.write(f"{write_tables(out)}\n")
         return 0
     launcher = Launcher(env=child_env(args), interval=0.5, timeout=args.timeout)
     ok = Matrix(args, launcher).run()
     out.mkdir(parents=True, exist_ok=True)
     sys.stdout.write(f"{write_tables(out)}\n")
-    return 0 if ok else EXIT_FAILED
+    return 0 if ok else cli.EXIT_FAILED
 
 
 if __name__ == "__main__":

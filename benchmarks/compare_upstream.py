@@ -1,4 +1,4 @@
-"""Benchmark anomalib-tiled against anomalib 2.7's built-in tiled ensemble (issue #4).
+"""Benchmark anomalib-tiled against anomalib 2.7's built-in tiled ensemble.
 
 Both sides train and evaluate on the same data, model, seed and tiling, each in its own
 subprocess, while the harness samples the memory of the subprocess tree every 0.1 s.
@@ -26,62 +26,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 from rich.console import Console
 
-from benchmarks.datasets import DatasetSummary, build_subset, make_synthetic
-from benchmarks.report import Scenario, evaluate_targets, machine_info, write_report
-from benchmarks.sides import Launcher, SideResult, Workload, run_ours, run_reference, run_upstream
+from benchmarks.harness import cli
+from benchmarks.harness.comparison import Scenario, evaluate_targets, geometry
+from benchmarks.harness.comparison_report import write_report
+from benchmarks.harness.datasets import QUICK_DATA, DatasetSummary, build_subset, make_synthetic
+from benchmarks.harness.launch import Launcher
+from benchmarks.harness.machine import machine_info
+from benchmarks.harness.models import PADIM, RANDOM_PADIM
+from benchmarks.harness.ours import run_ours
+from benchmarks.harness.results import SideResult
+from benchmarks.harness.sides import run_reference, run_upstream
+from benchmarks.harness.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
 ALL_SCENARIOS = ("1", "2", "3", "4")
 QUICK_SCENARIOS = ("1", "3", "4")
-PRETRAINED_MODEL = {"class_path": "Padim", "init_args": {"backbone": "resnet18.tv_in1k", "n_features": 100}}
-RANDOM_MODEL = {"class_path": "Padim", "init_args": {"backbone": "resnet18", "pre_trained": False, "n_features": 50}}
 
 PSS_INTERVAL = 1.0
 """Seconds between PSS samples with ``--pss``."""
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Image size, tiling and data amounts of a run mode (``full``/default or ``--quick``)."""
-
-    image_size: int
-    tile_size: int
-    overlap_stride: int
-    reference_size: int
-    n_train: int | None
-    n_test: int | None
-
-
-DEFAULT_GEOMETRY = Geometry(
-    image_size=512, tile_size=256, overlap_stride=128, reference_size=256, n_train=40, n_test=45
-)
-QUICK_GEOMETRY = Geometry(
-    image_size=256, tile_size=128, overlap_stride=64, reference_size=128, n_train=None, n_test=None
-)
-QUICK_DATA = {"n_train": 10, "n_test_good": 4, "n_test_defect": 3}
-"""Synthetic data of ``--quick``: 10 normal training images, 4 normal + 2x3 anomalous test images."""
-
-
-class UsageError(Exception):
-    """A setup problem reported as one line with exit status 2."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,17 +64,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    cli.add_common_options(parser)
+    _data_options(parser)
+    _run_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        default = QUICK_SCENARIOS if args.quick else ALL_SCENARIOS
+        chosen = cli.parse_choices(args.scenarios or ",".join(default), ALL_SCENARIOS, "--scenarios")
+        args.scenario_ids = [item for item in ALL_SCENARIOS if item in chosen]
+        args.copy_counts = sorted(cli.whole_numbers(args.copies or ("1,2" if args.quick else "1,2,4"), "--copies", 1))
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    """Options of what is run: scenarios, data and geometry."""
     parser.add_argument(
         "--quick", action="store_true", help="synthetic data and small images (smoke test, a few minutes)"
     )
     parser.add_argument(
         "--scenarios", default=None, help="comma-separated subset of 1,2,3,4 (default: all; --quick: 1,3,4)"
-    )
-    parser.add_argument(
-        "--shared",
-        type=Path,
-        default=REPO.parent / "shared",
-        help="folder with data/mvtec_ad and hf-cache (default: ../shared)",
     )
     parser.add_argument("--category", default="bottle", help="MVTec AD category (default: bottle)")
     parser.add_argument("--full", action="store_true", help="use the full train/test split instead of the 40/45 subset")
@@ -120,6 +103,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scaling-upstream", action="store_true", help="run upstream in scenario 3 too (minutes per copy)"
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of data splits and models (default: 42)")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of how the sides run and are measured."""
     parser.add_argument("--batch-size", type=int, default=32, help="train and eval batch size (default: 32)")
     parser.add_argument("--num-workers", type=int, default=2, help="data loader workers (default: 2)")
     parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of both sides (default: cpu)")
@@ -128,17 +115,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--ours-mode",
         choices=("single", "split"),
         default="single",
-        help="single: one 'train' process (stage times from run.log); split: 'train --evaluate false', 'eval --root'",
+        help="single: one 'train' (stage times from manifest.json); split: 'train --evaluate false', 'eval --root'",
     )
     parser.add_argument(
         "--upstream-as-is",
         action="store_true",
         help="run upstream without the init_args workaround (it then fails: shows that failures are detected)",
     )
-    parser.add_argument(
-        "--out", type=Path, default=REPO / "benchmarks" / "out", help="results folder (default: benchmarks/out)"
-    )
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds after which a side's process is killed")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between memory samples (default: 0.1)")
     parser.add_argument(
         "--pss",
@@ -146,54 +129,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also sample the process tree's PSS once a second (no double counting; costs CPU, so timings suffer)",
     )
     parser.add_argument("--check-targets", action="store_true", help="exit 1 when a target is not met")
-    args = parser.parse_args(argv)
-    try:
-        default = QUICK_SCENARIOS if args.quick else ALL_SCENARIOS
-        chosen = parse_choices(args.scenarios or ",".join(default), ALL_SCENARIOS, "--scenarios")
-        args.scenario_ids = [item for item in ALL_SCENARIOS if item in chosen]
-        args.copy_counts = _counts(args.copies or ("1,2" if args.quick else "1,2,4"), "--copies")
-    except ValueError as error:
-        parser.error(str(error))
-    return args
-
-
-def _counts(text: str, option: str) -> list[int]:
-    try:
-        counts = sorted({int(item) for item in text.split(",") if item.strip()})
-    except ValueError:
-        counts = []
-    if not counts or counts[0] < 1:
-        msg = f"{option}: expected comma-separated whole numbers >= 1, got {text!r}"
-        raise ValueError(msg)
-    return counts
-
-
-def parse_choices(text: str, allowed: Sequence[str], option: str) -> list[str]:
-    """The comma-separated items of ``text``, in the order given, each once.
-
-    Raises:
-        ValueError: Naming ``option`` when an item is not in ``allowed`` or there is none.
-    """
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [item for item in items if item not in allowed]
-    if unknown or not items:
-        msg = f"{option}: unknown value(s) {unknown or text!r}; use a comma-separated subset of {','.join(allowed)}"
-        raise ValueError(msg)
-    return list(dict.fromkeys(items))
-
-
-def geometry(args: argparse.Namespace) -> Geometry:
-    """The run mode's geometry with command-line overrides applied."""
-    base = QUICK_GEOMETRY if args.quick else DEFAULT_GEOMETRY
-    overrides = {
-        name: getattr(args, name)
-        for name in ("image_size", "tile_size", "overlap_stride", "reference_size", "n_train", "n_test")
-        if getattr(args, name) is not None
-    }
-    chosen = replace(base, **overrides)
-    if args.full:
-        chosen = replace(chosen, n_train=None, n_test=None)
-    return chosen
 
 
 class Benchmark:
@@ -212,51 +147,25 @@ class Benchmark:
         self.run_root = run_root
         self.console = console
         self.geometry = geometry(args)
+        # No side may reach a model hub: the real backbone comes from the shared offline cache.
         self.launcher = Launcher(
-            env=self._child_env(),
+            env=cli.benchmark_env(args),
             interval=args.interval,
             timeout=args.timeout,
             pss_interval=PSS_INTERVAL if args.pss else None,
         )
-        self.model = RANDOM_MODEL if args.quick else PRETRAINED_MODEL
+        self.model = RANDOM_PADIM if args.quick else PADIM
         self.source = self._source()
         self.datasets: dict[int, DatasetSummary] = {}
         # Identical workloads (scenario 3's x1 is scenario 1) are measured once.
         self.measured: dict[tuple[str, str], SideResult] = {}
 
-    def _child_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # No side may reach a model hub: the real backbone comes from the shared offline cache.
-        env["HF_HUB_OFFLINE"] = "1"
-        if not self.args.quick:
-            env["HF_HOME"] = str(self.args.shared.resolve() / "hf-cache")
-        return env
-
     def _source(self) -> Path:
         if self.args.quick:
-            data = QUICK_DATA
-            size = self.geometry.image_size
             return make_synthetic(
-                self.scratch / "synthetic",
-                size,
-                data["n_train"],
-                data["n_test_good"],
-                data["n_test_defect"],
-                self.args.seed,
+                self.scratch / "synthetic", self.geometry.image_size, seed=self.args.seed, **QUICK_DATA
             )
-        shared = self.args.shared
-        source = shared / "data" / "mvtec_ad" / self.args.category
-        cache = shared / "hf-cache"
-        if not (source / "train").is_dir() or not (source / "test").is_dir():
-            msg = (
-                f"shared data not found: {source} (with train/ and test/) does not exist; pass --shared DIR "
-                "(the folder holding data/mvtec_ad/<category> and hf-cache) or run --quick"
-            )
-            raise UsageError(msg)
-        if not cache.is_dir():
-            msg = f"offline backbone cache not found: {cache} does not exist; pass --shared DIR or run --quick"
-            raise UsageError(msg)
-        return source
+        return cli.mvtec_category(self.args.shared, self.args.category)
 
     def dataset(self, copies: int) -> DatasetSummary:
         """The benchmark subset with its test split repeated ``copies`` times (built once)."""
@@ -303,13 +212,7 @@ class Benchmark:
             return
         self.console.print(f"scenario {scenario.id}: running {side} ...")
         result = runner(self.run_root / f"scenario-{scenario.id}" / side)
-        if result.ok:
-            rss = (result.peak_tree_rss or 0) / 1024**3
-            self.console.print(
-                f"  {side}: {result.wall_s:.1f} s, peak RSS {rss:.2f} GiB, {_metrics_line(result.metrics)}"
-            )
-        else:
-            self.console.print(f"  [red]{side} FAILED[/red]: {result.error}")
+        self.console.print(f"  {side}: {result.summary()}", markup=False)
         self.measured[key] = result
         scenario.results[side] = result
 
@@ -367,10 +270,10 @@ class Benchmark:
         return scenario
 
     def _details(self, workload: Workload, data: DatasetSummary) -> str:
-        grid = (workload.image_size - workload.tile_size) // workload.stride + 1
+        smoothing = "on" if workload.seam_smoothing else "off"
         return (
             f"{self.describe(data)}; {workload.image_size} px, tiles {workload.tile_size}, stride {workload.stride} "
-            f"({grid}x{grid} tiles); seam smoothing {'on' if workload.seam_smoothing else 'off'}"
+            f"({self.geometry.grid(workload.stride)} tiles); seam smoothing {smoothing}"
         )
 
     def run(self) -> list[Scenario]:
@@ -379,9 +282,9 @@ class Benchmark:
         g = self.geometry
         for scenario_id in self.args.scenario_ids:
             if scenario_id == "1":
-                scenarios.append(self.tiled("1", g.tile_size, f"{_grid(g, g.tile_size)} tiles, no overlap"))
+                scenarios.append(self.tiled("1", g.tile_size, f"{g.grid(g.tile_size)} tiles, no overlap"))
             elif scenario_id == "2":
-                scenarios.append(self.tiled("2", g.overlap_stride, f"{_grid(g, g.overlap_stride)} overlapping tiles"))
+                scenarios.append(self.tiled("2", g.overlap_stride, f"{g.grid(g.overlap_stride)} overlapping tiles"))
             elif scenario_id == "3":
                 scenarios.extend(self.scaling())
             else:
@@ -419,27 +322,9 @@ class Benchmark:
         }
 
 
-def _grid(g: Geometry, stride: int) -> str:
-    count = (g.image_size - g.tile_size) // stride + 1
-    return f"{count}x{count}"
-
-
-def _metrics_line(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
-
-
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     del signum, frame
     raise KeyboardInterrupt
-
-
-def report_stop(error: UsageError | KeyboardInterrupt, running: str) -> int:
-    """Say in one line why a benchmark stopped early; return its exit status (2: usage error, 130: interrupted)."""
-    if isinstance(error, KeyboardInterrupt):
-        sys.stderr.write(f"error: interrupted; the running {running} was stopped and no report was written\n")
-        return EXIT_INTERRUPTED
-    sys.stderr.write(f"error: {error}\n")
-    return EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -451,30 +336,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = parse_args(argv)
     console = Console(stderr=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%SZ")
-    run_root = args.out.resolve() / stamp
+    started = cli.stamp()
+    run_root = args.out.resolve() / started
     scratch = Path(tempfile.mkdtemp(prefix="anomalib-tiled-bench-"))
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the running child's tree is killed too.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         benchmark = Benchmark(args, scratch, run_root, console)
-        machine = machine_info(REPO)
+        machine = machine_info()
         scenarios = benchmark.run()
         markdown_path, json_path, markdown = write_report(run_root, machine, benchmark.settings(), scenarios)
-    except (UsageError, KeyboardInterrupt) as error:
-        return report_stop(error, "side")
+    except (cli.UsageError, KeyboardInterrupt) as error:
+        return cli.report_stop(error, "side")
     finally:
         signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(scratch, ignore_errors=True)
     latest = args.out.resolve() / "latest"
     if latest.is_symlink() or latest.exists():
         latest.unlink()
-    latest.symlink_to(stamp, target_is_directory=True)
+    latest.symlink_to(started, target_is_directory=True)
     sys.stdout.write(markdown)
     console.print(f"Written: {markdown_path} and {json_path}")
     failed = any(not result.ok for scenario in scenarios for result in scenario.results.values())
     missed = args.check_targets and any(t["status"] == "not met" for t in evaluate_targets(scenarios))
-    return EXIT_FAILED if failed or missed else 0
+    return cli.EXIT_FAILED if failed or missed else 0
 
 
 if __name__ == "__main__":

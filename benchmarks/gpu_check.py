@@ -1,4 +1,4 @@
-"""GPU check of the runners (issue #10): the same run on every runner, then the GPU run on a CPU.
+"""GPU check of the runners: the same run on every runner, then the GPU run on a CPU.
 
 On a machine with a CUDA GPU it trains and evaluates one small run (synthetic 256 px images, 3x3
 tiles of 128 px, Padim on a random resnet18: nothing to download) with serial, processes and ray,
@@ -17,22 +17,26 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from benchmarks.harness import cli
+from benchmarks.harness.files import write_yaml
+from benchmarks.harness.launch import Launcher, process_error
+from benchmarks.harness.manifest import latest_metrics_file
+from benchmarks.harness.models import RANDOM_PADIM
+from benchmarks.harness.ours import ours_command, printed_run_dir
+from benchmarks.harness.procmon import ProcessRun
 
 TOLERANCE = 1e-6
 """Largest metric difference to serial that counts as equal."""
 TILE_DEVICE = re.compile(r"trained in [\d.]+ s on (.+?) \(\d+ training tiles")
-"""Where a tile trained, from its ``run.log`` line: ``cuda:0 (CUDA_VISIBLE_DEVICES=3)``, ``cpu``."""
-MODEL = {"class_path": "Padim", "init_args": {"backbone": "resnet18", "pre_trained": False, "n_features": 50}}
+"""Where a tile trained, from its ``run.log`` line: ``cuda:0 (CUDA_VISIBLE_DEVICES=3)``, ``cpu``. (The manifest does
+not record devices.)"""
 
 
 @dataclass
@@ -47,6 +51,11 @@ class Step:
     detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     devices: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name: ``processes-4-tiles-gpu``."""
+        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
 
 
 def contenders(gpu: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -72,59 +81,52 @@ def config(data: Path, results: Path, accelerator: str, execution: dict[str, Any
             "class_path": "anomalib.data.MVTecAD",
             "init_args": {"root": str(data), "category": "texture", "train_batch_size": 8, "eval_batch_size": 8},
         },
-        "TrainModels": {"model": MODEL},
+        "TrainModels": {"model": RANDOM_PADIM},
         "visualization": {"save": False},
         "execution": execution,
     }
 
 
-def run(step: Step, command: list[str], timeout: float) -> subprocess.CompletedProcess[str] | None:
-    """Run one command of the check, timing it; a failure is recorded in ``step``."""
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        step.detail = f"timed out after {timeout:.0f} s"
-        return None
-    finally:
-        step.seconds = time.perf_counter() - started
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    if done.returncode != 0:
-        step.detail = f"exit {done.returncode}: {(errors or done.stderr.splitlines() or ['no output'])[-1]}"
+def run(step: Step, launcher: Launcher, arguments: list[str], work: Path) -> ProcessRun | None:
+    """Run ``python -m anomalib_tiled <arguments>`` for one step, timing it; a failure is recorded in ``step``."""
+    process = launcher.run(ours_command(launcher, *arguments), work / "logs" / f"{step.slug}-{arguments[0]}", work)
+    step.seconds = process.wall_s
+    if (error := process_error(process, arguments[0])) is not None:
+        step.detail = error
         return None
     step.ok = True
-    return done
+    return process
 
 
-def train(step: Step, data: Path, work: Path, timeout: float) -> Path | None:
+def train(step: Step, launcher: Launcher, data: Path, work: Path) -> Path | None:
     """Train and evaluate one contender; returns its run directory."""
-    path = work / f"{step.name.replace(' ', '-')}.yaml"
-    path.write_text(yaml.safe_dump(config(data, work / "results", step.accelerator, step.execution)), encoding="utf-8")
-    done = run(step, [sys.executable, "-m", "anomalib_tiled", "train", "--config", str(path)], timeout)
-    if done is None:
+    path = write_yaml(work / f"{step.slug}.yaml", config(data, work / "results", step.accelerator, step.execution))
+    process = run(step, launcher, ["train", "--config", str(path)], work)
+    root = printed_run_dir(process) if process is not None else None
+    if root is None:
+        step.ok, step.detail = False, step.detail or "no 'Run: <run directory>' line in the output of train"
         return None
-    root = Path(done.stdout.strip().splitlines()[-1])
     step.metrics = _latest_metrics(root)
     step.devices = sorted(set(TILE_DEVICE.findall((root / "run.log").read_text(encoding="utf-8"))))
     return root
 
 
 def _latest_metrics(root: Path) -> dict[str, float]:
-    evaluations = sorted((root / "eval").glob("v*"), key=lambda path: int(path.name[1:]))
-    return json.loads((evaluations[-1] / "metrics.json").read_text(encoding="utf-8"))
+    metrics_file = latest_metrics_file(root)
+    return json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file is not None else {}
 
 
-def on_cpu(root: Path, data: Path, work: Path, timeout: float) -> list[Step]:
+def on_cpu(root: Path, launcher: Launcher, data: Path, work: Path) -> list[Step]:
     """Evaluate (every tile predicted again) and predict with the trained run on the CPU."""
     shutil.rmtree(root / "predictions")
     cpu = ["--accelerator", "cpu", "--execution.runner", "processes"]
     evaluation = Step("eval of the run on CPU", "cpu", {"runner": "processes"})
-    if run(evaluation, [sys.executable, "-m", "anomalib_tiled", "eval", "--root", str(root), *cpu], timeout):
+    if run(evaluation, launcher, ["eval", "--root", str(root), *cpu], work):
         evaluation.metrics = _latest_metrics(root)
     prediction = Step("predict with the run on CPU", "cpu", {"runner": "processes"})
     images = data / "texture" / "test"
     command = ["predict", "--root", str(root), "--data", str(images), "--output", str(work / "predict"), *cpu]
-    if run(prediction, [sys.executable, "-m", "anomalib_tiled", *command], timeout):
+    if run(prediction, launcher, command, work):
         rows = (work / "predict" / "predictions.csv").read_text(encoding="utf-8").strip().splitlines()
         prediction.detail = f"{len(rows) - 1} images predicted"
     return [evaluation, prediction]
@@ -175,16 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gpu = torch.cuda.is_available()
     work = args.out or Path(tempfile.mkdtemp(prefix="anomalib-tiled-gpu-check-"))
+    launcher = Launcher(env=cli.offline_env(), interval=0.5, timeout=args.timeout)
     data = work / "data"
     make_dataset(data, size=256, n_train=16, n_test_good=6, n_test_defect=6, seed=3)
     steps = [Step(name, "gpu" if gpu else "cpu", execution) for name, execution in contenders(gpu)]
     roots = []
     for step in steps:
-        roots.append(train(step, data, work, args.timeout))
+        roots.append(train(step, launcher, data, work))
         print(f"{step.name}: {'ok' if step.ok else 'FAILED ' + step.detail} ({step.seconds:.0f} s)", file=sys.stderr)
     training = len(steps)
     if roots[0] is not None:
-        steps += on_cpu(roots[0], data, work, args.timeout)
+        steps += on_cpu(roots[0], launcher, data, work)
     print(f"GPU: {torch.cuda.get_device_name(0) if gpu else 'none (CPU only)'}\n")
     print(table(steps))
     return 1 if failed(steps, training) else 0

@@ -1,4 +1,4 @@
-"""Inference benchmark of exported tiled ensembles (issue #11): run-based predict vs torch, ONNX Runtime, OpenVINO.
+"""Inference benchmark of exported tiled ensembles: run-based predict vs torch, ONNX Runtime, OpenVINO.
 
 For each model and grid it trains one run (``python -m anomalib_tiled train --evaluate false``),
 exports it to every format (``python -m anomalib_tiled export``) and anomalib's own OpenVINO
@@ -19,30 +19,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.datasets import build_subset, make_synthetic
-from benchmarks.report import machine_info
-from benchmarks.sides import CHILDREN, Launcher, Workload, _write_yaml, process_error
+from benchmarks.harness import cli
+from benchmarks.harness.datasets import build_subset, make_synthetic
+from benchmarks.harness.launch import Launcher, process_error
+from benchmarks.harness.machine import machine_info, machine_line
+from benchmarks.harness.markdown import write_results
+from benchmarks.harness.models import PADIM, PATCHCORE, RANDOM_PADIM
+from benchmarks.harness.ours import ours_command, run_ours
+from benchmarks.harness.workload import Workload
 
-REPO = Path(__file__).resolve().parent.parent
 FORMATS = ("torch", "onnx", "openvino")
 CONTENDERS = ("run", *FORMATS, "floor")
 LATENCY_TARGET = 1.2
 THROUGHPUT_TARGET = 3.0
-MODELS = {
-    "padim": {"class_path": "Padim", "init_args": {"backbone": "resnet18.tv_in1k", "n_features": 100}},
-    "patchcore": {
-        "class_path": "Patchcore",
-        "init_args": {"backbone": "resnet18.tv_in1k", "layers": ["layer2", "layer3"], "coreset_sampling_ratio": 0.1},
-    },
-}
-QUICK_MODEL = {"class_path": "Padim", "init_args": {"backbone": "resnet18", "pre_trained": False, "n_features": 50}}
+MODELS = {"padim": PADIM, "patchcore": PATCHCORE}
+GRIDS = ("2x2", "3x3")
 
 
 @dataclass
@@ -58,17 +55,20 @@ class Measured:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
+    cli.add_common_options(parser, "benchmarks/out/inference")
     parser.add_argument("--quick", action="store_true", help="synthetic 256 px data, Padim 2x2 only (smoke test)")
-    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="folder with data/ and hf-cache/")
     parser.add_argument("--models", default="padim,patchcore", help="comma-separated: padim, patchcore")
     parser.add_argument("--grids", default="2x2,3x3", help="comma-separated: 2x2 (no overlap), 3x3 (stride tile/2)")
     parser.add_argument("--images", type=int, default=16, help="test images predicted (default 16)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "inference", help="results folder")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds after which a child is killed")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.grids, args.images, args.repeats = "padim", "2x2", 4, 2
+    try:
+        args.model_names = cli.parse_choices(args.models, list(MODELS), "--models")
+        args.grid_names = cli.parse_choices(args.grids, GRIDS, "--grids")
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -77,9 +77,7 @@ def dataset(args: argparse.Namespace, scratch: Path) -> tuple[Path, str, int, in
     if args.quick:
         category = make_synthetic(scratch / "synthetic", 256, 10, 2, 1, 42)
         return category.parent, category.name, 256, 128
-    source = args.shared / "data" / "mvtec_ad" / "bottle"
-    if not (source / "train").is_dir():
-        sys.exit(f"error: {source} not found; pass --shared DIR (with data/mvtec_ad/bottle) or use --quick")
+    source = cli.mvtec_category(args.shared, "bottle")
     summary = build_subset(source, scratch / "bottle", n_train=40, n_test=args.images)
     return summary.root, summary.category, 512, 256
 
@@ -87,7 +85,7 @@ def dataset(args: argparse.Namespace, scratch: Path) -> tuple[Path, str, int, in
 def run_child(launcher: Launcher, kind: str, target: Path, images: Path, work: Path, **extra: Any) -> dict[str, Any]:
     """One monitored child of :mod:`benchmarks.children.inference_child`; its numbers and peak RSS."""
     result = work / f"{kind}.json"
-    command = [launcher.python, str(CHILDREN / "inference_child.py"), "--kind", kind, "--target", str(target)]
+    command = launcher.child("inference_child.py", "--kind", kind, "--target", str(target))
     command += ["--images", str(images), "--result", str(result)]
     command += [item for key, value in extra.items() for item in (f"--{key}", str(value))]
     process = launcher.run(command, work / "logs" / kind, work)
@@ -96,32 +94,28 @@ def run_child(launcher: Launcher, kind: str, target: Path, images: Path, work: P
     return {**json.loads(result.read_text(encoding="utf-8")), "peak_rss": process.peak_tree_rss}
 
 
-def cli(launcher: Launcher, arguments: list[str], work: Path, log: str) -> str:
-    """Run ``python -m anomalib_tiled ...``; the last line of its standard output."""
-    process = launcher.run([launcher.python, "-m", "anomalib_tiled", *arguments], work / "logs" / log, work)
-    if (error := process_error(process, log)) is not None:
+def export(launcher: Launcher, run: Path, export_format: str, work: Path) -> int:
+    """Export ``run`` with ``python -m anomalib_tiled export``; the artifact's size in bytes (metadata aside)."""
+    artifact = work / "artifacts" / export_format
+    command = ours_command(launcher, "export", "--root", str(run), "--format", export_format, "--output", str(artifact))
+    process = launcher.run(command, work / "logs" / export_format, work)
+    if (error := process_error(process, f"export {export_format}")) is not None:
         raise RuntimeError(error)
-    return process.stdout().strip().splitlines()[-1]
+    return sum(f.stat().st_size for f in artifact.iterdir() if f.name != "metadata.json")
 
 
 def measure(args: argparse.Namespace, launcher: Launcher, workload: Workload, work: Path, name: str) -> Measured:
     """Train, export and time every contender of one model and grid."""
     measured = Measured(name)
-    config = _write_yaml(work / "config.yaml", workload.ours_config(work / "runs"))
-    run = Path(cli(launcher, ["train", "--config", str(config), "--evaluate", "false"], work, "train"))
+    trained = run_ours(workload, work, launcher, mode="train")
+    if not trained.ok:
+        raise RuntimeError(trained.error)
+    run = Path(trained.run_dir)
     images = workload.data_root / workload.category / "test"
-    common = {"count": args.images, "repeats": args.repeats}
-    for export_format in FORMATS:
-        artifact = work / "artifacts" / export_format
-        cli(
-            launcher,
-            ["export", "--root", str(run), "--format", export_format, "--output", str(artifact)],
-            work,
-            export_format,
-        )
-        measured.sizes[export_format] = sum(f.stat().st_size for f in artifact.iterdir() if f.name != "metadata.json")
+    measured.sizes = {export_format: export(launcher, run, export_format, work) for export_format in FORMATS}
     run_child(launcher, "floor_export", work / "floor", images, work, run=run)
     paths = {"run": run, **{f: work / "artifacts" / f for f in FORMATS}, "floor": work / "floor"}
+    common = {"count": args.images, "repeats": args.repeats}
     for kind in CONTENDERS:
         try:
             measured.results[kind] = run_child(launcher, kind, paths[kind], images, work, **common)
@@ -171,33 +165,31 @@ def targets(measured: Measured) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; write ``results.json`` and ``results.md`` into ``--out``."""
+    """Run the benchmark; write ``results.json`` and ``results.md`` into ``--out``.
+
+    Returns:
+        0 when it ran, 2 on a usage error (missing shared data), 130 when interrupted.
+    """
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if not args.quick:
-        env["HF_HOME"] = str((args.shared / "hf-cache").resolve())
-    launcher = Launcher(env=env, interval=0.1, timeout=args.timeout)
-    root, category, image_size, tile = dataset(args, args.out / "data")
+    launcher = Launcher(env=cli.benchmark_env(args), interval=0.1, timeout=args.timeout)
     all_measured = []
-    for model in args.models.split(","):
-        for grid in args.grids.split(","):
-            stride = tile if grid == "2x2" else tile // 2
-            spec = QUICK_MODEL if args.quick else MODELS[model]
-            workload = Workload(root, category, image_size, tile, stride, spec, batch_size=8, seam_smoothing=True)
-            name = f"{model} {grid} ({image_size} px, tiles {tile}, stride {stride})"
-            all_measured.append(measure(args, launcher, workload, args.out / f"{model}-{grid}", name))
-            print("\n".join(table(all_measured[-1])), flush=True)
-    machine = machine_info(REPO)
-    report = ["## Results", "", f"Machine: {machine.get('cpu')}, {machine.get('cpus')} CPUs", ""]
+    try:
+        root, category, image_size, tile = dataset(args, args.out / "data")
+        for model in args.model_names:
+            for grid in args.grid_names:
+                stride = tile if grid == "2x2" else tile // 2
+                spec = RANDOM_PADIM if args.quick else MODELS[model]
+                workload = Workload(root, category, image_size, tile, stride, spec, batch_size=8, seam_smoothing=True)
+                name = f"{model} {grid} ({image_size} px, tiles {tile}, stride {stride})"
+                all_measured.append(measure(args, launcher, workload, args.out / f"{model}-{grid}", name))
+                print("\n".join(table(all_measured[-1])), flush=True)
+    except (cli.UsageError, KeyboardInterrupt) as error:
+        return cli.report_stop(error, "contender")
+    machine = machine_info()
+    report = ["## Results", "", f"Machine: {machine_line(machine)}", ""]
     report += [line for measured in all_measured for line in table(measured)]
-    (args.out / "results.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    results = {
-        "machine": machine,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "runs": [vars(m) for m in all_measured],
-    }
-    (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    results = {"machine": machine, "args": vars(args), "runs": [vars(m) for m in all_measured]}
+    write_results(args.out, "\n".join(report) + "\n", results)
     return 0
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from benchmarks import accuracy
-from benchmarks.accuracy_report import aggregate, load_cells, mean_std, write_tables
+from benchmarks.harness.accuracy_report import aggregate, load_cells, mean_std, write_tables
+from benchmarks.harness.cli import EXIT_USAGE
 
 
 def _cell(out: Path, dataset: str, model: str, seed: int, side: str, rows: dict[str, Any]) -> None:
@@ -79,7 +80,7 @@ def test_report_only_rebuilds_the_tables(out: Path, capsys: pytest.CaptureFixtur
 
 
 def test_report_only_without_cells_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert accuracy.main(["--out", str(tmp_path), "--report-only"]) == accuracy.EXIT_USAGE
+    assert accuracy.main(["--out", str(tmp_path), "--report-only"]) == EXIT_USAGE
     assert "no cell files" in capsys.readouterr().err
 
 
@@ -99,7 +100,7 @@ def test_report_only_without_cells_is_a_usage_error(tmp_path: Path, capsys: pyte
 def test_argument_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stop:
         accuracy.parse_args(argv)
-    assert stop.value.code == accuracy.EXIT_USAGE
+    assert stop.value.code == EXIT_USAGE
     assert message in capsys.readouterr().err
 
 
@@ -124,7 +125,7 @@ def test_variants_and_overrides_are_data() -> None:
 def test_overrides_reach_ours_config(tmp_path: Path) -> None:
     args = accuracy.parse_args(["--train-override", "TrainModels.calibration_share=0.2"])
     matrix = accuracy.Matrix(args, launcher=None)  # type: ignore[arg-type] - nothing is launched
-    from benchmarks.accuracy_data import build
+    from benchmarks.harness.accuracy_data import build
 
     data = build("nonsquare", tmp_path)
     config = matrix.workload(data, "padim", 1).ours_config(tmp_path / "runs")

@@ -1,4 +1,4 @@
-"""Datasets of the accuracy benchmark (benchmarks/accuracy_data.py): layout, masks, seams, determinism."""
+"""Datasets of the accuracy benchmark (benchmarks/harness/accuracy_data.py): layout, masks, seams, determinism."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.accuracy_data import (
+from benchmarks.harness.accuracy_data import (
     DEFECTS,
     N_TEST_GOOD,
     N_TEST_PER_DEFECT,

@@ -16,11 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare_upstream, sides
-from benchmarks.datasets import allocate, build_subset, make_synthetic, spread
-from benchmarks.procmon import run_monitored
-from benchmarks.report import Scenario, evaluate_targets, render_markdown
-from benchmarks.sides import Launcher, SideResult, Workload, run_upstream
+from benchmarks import compare_upstream
+from benchmarks.harness import launch
+from benchmarks.harness.cli import EXIT_USAGE, REPO
+from benchmarks.harness.comparison import Scenario, evaluate_targets
+from benchmarks.harness.comparison_report import render_markdown
+from benchmarks.harness.datasets import allocate, build_subset, make_synthetic, spread
+from benchmarks.harness.launch import Launcher
+from benchmarks.harness.models import RANDOM_PADIM
+from benchmarks.harness.procmon import run_monitored
+from benchmarks.harness.results import SideResult
+from benchmarks.harness.sides import run_upstream
+from benchmarks.harness.workload import Workload
 
 GIB = 1024**3
 
@@ -187,7 +194,7 @@ def _workload(synthetic: Path) -> Workload:
         image_size=128,
         tile_size=64,
         stride=64,
-        model=compare_upstream.RANDOM_MODEL,
+        model=RANDOM_PADIM,
         num_workers=0,
     )
 
@@ -204,7 +211,7 @@ def test_stage_failures_of_an_upstream_run_that_exits_0_are_reported(
     children = tmp_path / "children"
     children.mkdir()
     (children / "upstream_tiled.py").write_text(FAKE_UPSTREAM_CHILD, encoding="utf-8")
-    monkeypatch.setattr(sides, "CHILDREN", children)
+    monkeypatch.setattr(launch, "CHILDREN", children)
     result = run_upstream(_workload(synthetic), tmp_path / "side", _launcher())
     assert not result.ok
     pipeline_log = tmp_path / "side" / "upstream-cwd" / "runs" / "pipeline.log"
@@ -219,7 +226,7 @@ def _upstream_rejects_init_args() -> str | None:
     from anomalib.pipelines.tiled_ensemble.components.utils import NormalizationStage, helper_functions
 
     try:
-        helper_functions.get_ensemble_model(compare_upstream.RANDOM_MODEL, 64, NormalizationStage.IMAGE)
+        helper_functions.get_ensemble_model(RANDOM_PADIM, 64, NormalizationStage.IMAGE)
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
@@ -245,10 +252,7 @@ def test_upstream_failure_is_detected_although_it_exits_0(synthetic: Path, tmp_p
 
 
 def test_shared_data_missing_is_a_usage_error(tmp_path: Path) -> None:
-    assert (
-        compare_upstream.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
-        == compare_upstream.EXIT_USAGE
-    )
+    assert compare_upstream.main(["--shared", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) == EXIT_USAGE
 
 
 @pytest.mark.slow
@@ -270,9 +274,7 @@ def test_quick_scenario_1_both_sides_produce_numbers(tmp_path: Path) -> None:
         "--out",
         str(out),
     ]
-    completed = subprocess.run(
-        command, cwd=compare_upstream.REPO, capture_output=True, text=True, timeout=900, check=False
-    )
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "latest" / "results.json").read_text(encoding="utf-8"))
     (scenario,) = results["scenarios"]
@@ -285,7 +287,9 @@ def test_quick_scenario_1_both_sides_produce_numbers(tmp_path: Path) -> None:
             *(result["metrics"][m] for m in ("image_AUROC", "pixel_AUROC")),
         ]
         assert all(math.isfinite(value) and value > 0 for value in numbers)
-    assert set(scenario["results"]["ours"]["stages"]) == {"train", "eval"}
+    stages = scenario["results"]["ours"]["stages"]  # from the run's manifest.json
+    assert set(stages) == {"train", "eval", "start-up"}
+    assert all(seconds > 0 for seconds in stages.values())
     assert "| End-to-end wall time |" in (out / "latest" / "results.md").read_text(encoding="utf-8")
     assert "| End-to-end wall time |" in completed.stdout
 

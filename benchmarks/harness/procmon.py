@@ -120,10 +120,7 @@ def run_monitored(
     log_prefix.parent.mkdir(parents=True, exist_ok=True)
     stdout_path = log_prefix.with_name(log_prefix.name + ".out")
     stderr_path = log_prefix.with_name(log_prefix.name + ".err")
-    peak_main = peak_tree = samples = 0
-    peak_pss: int | None = None
-    last_pss = -math.inf
-    timed_out = False
+    peaks = _Peaks()
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         started = time.time()
         start = time.perf_counter()
@@ -131,17 +128,13 @@ def run_monitored(
         process = psutil.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
         try:
             while True:
-                main, total = tree_rss(process)
-                peak_main, peak_tree, samples = max(peak_main, main), max(peak_tree, total), samples + 1
-                if pss_interval is not None and time.perf_counter() - last_pss >= pss_interval:
-                    last_pss = time.perf_counter()
-                    peak_pss = max(peak_pss or 0, tree_pss(process))
+                peaks.sample(process, pss_interval)
                 try:
                     process.wait(timeout=interval)
                     break
                 except psutil.TimeoutExpired:
                     if timeout is not None and time.perf_counter() - start > timeout:
-                        timed_out = True
+                        peaks.timed_out = True
                         _kill_session(process)
         except BaseException:
             # Ctrl-C reaches only the harness (the child has its own session): take the child down too.
@@ -153,14 +146,34 @@ def run_monitored(
         returncode=process.returncode,
         started=started,
         wall_s=wall,
-        peak_tree_rss=peak_tree,
-        peak_main_rss=peak_main,
-        samples=samples,
+        peak_tree_rss=peaks.tree,
+        peak_main_rss=peaks.main,
+        samples=peaks.samples,
         stdout_path=stdout_path,
         stderr_path=stderr_path,
-        timed_out=timed_out,
-        peak_tree_pss=peak_pss,
+        timed_out=peaks.timed_out,
+        peak_tree_pss=peaks.pss,
     )
+
+
+@dataclass
+class _Peaks:
+    """Memory peaks of a process tree over its samples so far."""
+
+    main: int = 0
+    tree: int = 0
+    samples: int = 0
+    pss: int | None = None
+    last_pss: float = -math.inf
+    timed_out: bool = False
+
+    def sample(self, process: psutil.Process, pss_interval: float | None) -> None:
+        """Sample the tree's RSS, and its PSS when ``pss_interval`` seconds have passed since the last PSS."""
+        main, total = tree_rss(process)
+        self.main, self.tree, self.samples = max(self.main, main), max(self.tree, total), self.samples + 1
+        if pss_interval is not None and time.perf_counter() - self.last_pss >= pss_interval:
+            self.last_pss = time.perf_counter()
+            self.pss = max(self.pss or 0, tree_pss(process))
 
 
 def _kill_session(process: psutil.Popen) -> None:

@@ -80,7 +80,7 @@ def mean_std(values: list[float]) -> str:
 
 
 PIXEL_AUROC_SLACK = 0.002
-"""How far below upstream's mean pixel AUROC ours may be and still meet the target (issue #12)."""
+"""How far below upstream's mean pixel AUROC ours may be and still meet the target."""
 
 
 def _mean(stats: RowStats | None, name: str) -> float:

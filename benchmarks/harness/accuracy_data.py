@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from benchmarks.datasets import build_subset, make_synthetic
+from benchmarks.harness.datasets import build_subset, make_synthetic
 
 DATASETS = ("bottle", "synthetic", "textures", "border", "nonsquare")
 N_TRAIN = 32

@@ -14,6 +14,8 @@ from pathlib import Path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NORMAL = "good"
+QUICK_DATA = {"n_train": 10, "n_test_good": 4, "n_test_defect": 3}
+"""Synthetic data of the ``--quick`` smoke tests: 10 normal training images, 4 normal + 2x3 anomalous test images."""
 
 
 @dataclass(frozen=True)
