@@ -37,8 +37,8 @@ def printed_run_dir(process: ProcessRun) -> Path | None:
     lines = [
         line for text in (process.stdout(), process.stderr()) for line in text.splitlines() if line.startswith(RUN_LINE)
     ]
-    path = Path(lines[-1].removeprefix(RUN_LINE).strip()) if lines else None
-    return path if path is not None and path.is_dir() else None
+    named = lines[-1].removeprefix(RUN_LINE).strip() if lines else ""
+    return Path(named) if named and Path(named).is_dir() else None
 
 
 def run_ours(workload: Workload, directory: Path, launcher: Launcher, mode: str = "single") -> SideResult:

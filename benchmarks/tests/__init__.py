@@ -1,0 +1,1 @@
+"""Tests of the benchmark harness (collected by the repository's test run: testpaths in pyproject.toml)."""
