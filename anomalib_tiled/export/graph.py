@@ -41,7 +41,7 @@ class TiledEnsembleGraph(nn.Module):
         self.statistics = statistics
         stages = [*(statistics.tiles or []), *([statistics.image] if statistics.image else [])]
         # Registered so that the statistics travel as buffers of the graph, not as loose constants.
-        self.statistics = nn.ModuleList([stage.post_processor for stage in stages])
+        self.stage_stats = nn.ModuleList([stage.post_processor for stage in stages])
         self.scales = statistics.scales
         # The grid caches its blending weights on first use: fill the caches with real tensors now,
         # or the tracer would fill them with its fake ones.
