@@ -259,6 +259,30 @@ def test_no_function_is_over_50_lines(package_files: dict[str, Path]) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def benchmark_files() -> dict[str, Path]:
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not root.is_dir():
+        pytest.skip("benchmarks/ is not part of this installation")
+    return modules(root, "benchmarks")
+
+
+def test_benchmarks_follow_the_size_and_cycle_rules(benchmark_files: dict[str, Path]) -> None:
+    offenders = [*long_modules(benchmark_files), *map(str, long_functions(benchmark_files))]
+    assert not offenders, "benchmarks over the size limits:\n" + "\n".join(offenders)
+    cycles = import_cycles(import_graph(benchmark_files))
+    assert not cycles, "import cycles in benchmarks/:\n" + format_cycles(cycles)
+
+
+def test_benchmark_entry_scripts_import_only_the_harness(benchmark_files: dict[str, Path]) -> None:
+    graph = import_graph(benchmark_files)
+    packages = {"benchmarks.harness", "benchmarks.children", "benchmarks.tests"}
+    scripts = {name for name in graph if name.count(".") == 1 and name not in packages}
+    importers = [name for name in graph if not name.startswith("benchmarks.tests")]  # tests run the scripts
+    crossing = sorted(f"{name} -> {target}" for name in importers for target in graph[name] & scripts)
+    assert not crossing, "benchmark entry scripts used as libraries:\n" + "\n".join(crossing)
+
+
 def test_no_import_cycle_between_modules(package_files: dict[str, Path]) -> None:
     graph = import_graph(package_files)
     # The resolution rules at work on edges the package is known to have.
