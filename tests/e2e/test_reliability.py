@@ -260,7 +260,7 @@ def test_sigint_during_training_keeps_finished_tiles_and_resume_matches_an_unint
     cfg["TrainModels"] = {
         **cfg["TrainModels"],
         "trainer": {
-            "callbacks": [{"class_path": "tests.test_reliability.PauseAfterFit", "init_args": {"seconds": 3.0}}]
+            "callbacks": [{"class_path": "tests.e2e.test_reliability.PauseAfterFit", "init_args": {"seconds": 3.0}}]
         },
     }
     config = write_config(tmp_path / "c.yaml", cfg)

@@ -297,7 +297,7 @@ def _metrics(run: Path, evaluation: str = "v0") -> dict[str, float]:
 
 
 def _train_with_a_killed_worker(dataset_root: Path, tmp_path: Path, trained_run: Path, execution: dict) -> Path:
-    kill = {"class_path": "tests.test_runners.KillOnce", "init_args": {"marker": str(tmp_path / "killed")}}
+    kill = {"class_path": "tests.e2e.test_runners.KillOnce", "init_args": {"marker": str(tmp_path / "killed")}}
     assert main(["train", "--config", str(_config(dataset_root, tmp_path, execution, [kill]))]) == 0
     assert (tmp_path / "killed").exists()
     run = _only_run(tmp_path)
@@ -308,7 +308,7 @@ def _train_with_a_killed_worker(dataset_root: Path, tmp_path: Path, trained_run:
 
 
 def _fail_a_tile(dataset_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture, execution: dict) -> None:
-    fail = {"class_path": "tests.test_runners.FailTile", "init_args": {"tile": "tile_r1_c0"}}
+    fail = {"class_path": "tests.e2e.test_runners.FailTile", "init_args": {"tile": "tile_r1_c0"}}
     assert main(["train", "--config", str(_config(dataset_root, tmp_path, execution, [fail]))]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [
@@ -381,7 +381,7 @@ def test_interrupted_processes_run_resumes_with_ray_and_predicts_with_ray(
     local_ray: None, dataset_root: Path, tmp_path: Path, trained_run: Path
 ) -> None:
     del local_ray
-    pause = {"class_path": "tests.test_reliability.PauseAfterFit", "init_args": {"seconds": 4.0}}
+    pause = {"class_path": "tests.e2e.test_reliability.PauseAfterFit", "init_args": {"seconds": 4.0}}
     config = _config(dataset_root, tmp_path, {"runner": "processes", "workers": 2}, [pause])
     manifest_path, _ = interrupt_training(config, tmp_path / "results")
     manifest = json.loads(manifest_path.read_text())
