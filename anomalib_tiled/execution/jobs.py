@@ -109,11 +109,14 @@ class TileResult:
         name: The tile position's name.
         seconds: Wall time of the job.
         checkpoint: Size and sha256 of the checkpoint a fit wrote (None for predictions).
+        phases: Seconds of a fit's phases: ``setup`` (model, callbacks, trainer), ``fit`` (training and
+            validation), ``predict`` (the other splits), ``save`` (checkpoint and digest).
     """
 
     name: str
     seconds: float
     checkpoint: dict[str, Any] | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -169,6 +172,7 @@ class FitTileJob(TileJobBase):
     def run(self) -> TileResult:
         """Train the tile and save its checkpoint; :meth:`finish` records it in the manifest."""
         started = time.perf_counter()
+        clock = PhaseClock()
         context, position = self.context, self.position
         seed_tile(context.training.seed, position.index)
         model = context.factory.build((position.height, position.width), self.monitored)
@@ -177,14 +181,20 @@ class FitTileJob(TileJobBase):
         callbacks = [*fresh_callbacks(context.training.trainer), checkpoint, *([writer] if writer else [])]
         engine = context.engine(position, callbacks, fitting=True)
         val_loader = self.val.loader(position, context.training.seed) if self.val is not None else None
+        clock.lap("setup")
         _fit(engine, model, self.train.loader(position, context.training.seed, shuffle=True), val_loader)
+        clock.lap("fit")
         checkpoint.save_final(engine.trainer)
+        clock.lap("save")
         if writer is not None and writer.last_written_step != engine.trainer.global_step:
             # The last validation ran before the final weights (val_check_interval / check_val_every_n_epoch).
             engine.validate(model=model, dataloaders=val_loader, verbose=False)
+        clock.lap("fit")
         for split in self.predicted:
             predict_tile(context, model, position, split)
+        clock.lap("predict")
         digest = file_digest(checkpoint.path)
+        clock.lap("save")
         seconds = time.perf_counter() - started
         device, visible = engine.trainer.strategy.root_device, os.environ.get("CUDA_VISIBLE_DEVICES")
         # Which physical GPU a pinned worker's cuda:0 is.
@@ -197,7 +207,7 @@ class FitTileJob(TileJobBase):
             len(self.train.record),
             checkpoint.path.stat().st_size / 2**20,
         )
-        return TileResult(self.name, seconds, digest)
+        return TileResult(self.name, seconds, digest, clock.seconds)
 
     def finish(self, result: TileResult) -> None:
         """Record the tile as done, once the checkpoint here matches the one the job wrote.
@@ -215,7 +225,8 @@ class FitTileJob(TileJobBase):
                 "directory on storage every worker sees (see docs/distributed.md)"
             )
             raise RunDirectoryError(msg)
-        self.context.run.record_tile(self.name, {"checkpoint": result.checkpoint, "seconds": round(result.seconds, 2)})
+        entry = {"checkpoint": result.checkpoint, "seconds": round(result.seconds, 2), "phases": result.phases}
+        self.context.run.record_tile(self.name, entry)
 
 
 def predict_tile(context: TileContext, model: AnomalibModule, position: TilePosition, split: TileSplit) -> None:
@@ -265,6 +276,20 @@ class TileEngine(Engine):
 
     def _setup_workspace(self, *args: Any, **kwargs: Any) -> None:
         del args, kwargs
+
+
+class PhaseClock:
+    """Wall seconds spent in each phase of a job; a phase entered again adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """End the time spent since the last lap, counted to ``phase``."""
+        now = time.perf_counter()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self.started, 3)
+        self.started = now
 
 
 def seed_tile(seed: int, tile_index: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from anomalib_tiled.data.splits import (
     setup_splits,
     split_fingerprint,
 )
-from anomalib_tiled.execution.jobs import TileContext, TileSplit, release
+from anomalib_tiled.execution.jobs import PhaseClock, TileContext, TileSplit, release
 from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.execution.planner import TilePlanner
 from anomalib_tiled.merge.statistics import Statistics, StatisticsPolicy
@@ -57,20 +56,6 @@ class Trained:
     predictor: SplitPredictor
     test: SplitRecord | None
     statistics: Statistics
-
-
-class StageClock:
-    """Wall seconds of consecutive stages, for the manifest."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        """End ``stage`` now; the next one starts."""
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self.started, 2)
-        self.started = now
 
 
 @dataclass
@@ -131,7 +116,7 @@ class TrainingPlan:
             settings.grid,
             {name: len(dataset) for name, dataset in self.splits.items()},
         )
-        stages = StageClock()
+        stages = PhaseClock()
         cache = SplitCache(run, settings.grid.image_size, listener)
         splits = self._decode(run, cache)
         stages.lap("decode")
