@@ -18,7 +18,6 @@ predict's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import cli
+from benchmarks.harness.contenders import export_artifact, run_child
 from benchmarks.harness.datasets import build_subset, make_synthetic
-from benchmarks.harness.launch import Launcher, process_error
+from benchmarks.harness.launch import Launcher
 from benchmarks.harness.machine import machine_info, machine_line
 from benchmarks.harness.markdown import write_results
 from benchmarks.harness.models import PADIM, PATCHCORE, RANDOM_PADIM
-from benchmarks.harness.ours import ours_command, run_ours
+from benchmarks.harness.ours import run_ours
 from benchmarks.harness.workload import Workload
 
 FORMATS = ("torch", "onnx", "openvino")
@@ -82,28 +82,6 @@ def dataset(args: argparse.Namespace, scratch: Path) -> tuple[Path, str, int, in
     return summary.root, summary.category, 512, 256
 
 
-def run_child(launcher: Launcher, kind: str, target: Path, images: Path, work: Path, **extra: Any) -> dict[str, Any]:
-    """One monitored child of :mod:`benchmarks.children.inference_child`; its numbers and peak RSS."""
-    result = work / f"{kind}.json"
-    command = launcher.child("inference_child.py", "--kind", kind, "--target", str(target))
-    command += ["--images", str(images), "--result", str(result)]
-    command += [item for key, value in extra.items() for item in (f"--{key}", str(value))]
-    process = launcher.run(command, work / "logs" / kind, work)
-    if (error := process_error(process, kind)) is not None:
-        raise RuntimeError(error)
-    return {**json.loads(result.read_text(encoding="utf-8")), "peak_rss": process.peak_tree_rss}
-
-
-def export(launcher: Launcher, run: Path, export_format: str, work: Path) -> int:
-    """Export ``run`` with ``python -m anomalib_tiled export``; the artifact's size in bytes (metadata aside)."""
-    artifact = work / "artifacts" / export_format
-    command = ours_command(launcher, "export", "--root", str(run), "--format", export_format, "--output", str(artifact))
-    process = launcher.run(command, work / "logs" / export_format, work)
-    if (error := process_error(process, f"export {export_format}")) is not None:
-        raise RuntimeError(error)
-    return sum(f.stat().st_size for f in artifact.iterdir() if f.name != "metadata.json")
-
-
 def measure(args: argparse.Namespace, launcher: Launcher, workload: Workload, work: Path, name: str) -> Measured:
     """Train, export and time every contender of one model and grid."""
     measured = Measured(name)
@@ -112,7 +90,7 @@ def measure(args: argparse.Namespace, launcher: Launcher, workload: Workload, wo
         raise RuntimeError(trained.error)
     run = Path(trained.run_dir)
     images = workload.data_root / workload.category / "test"
-    measured.sizes = {export_format: export(launcher, run, export_format, work) for export_format in FORMATS}
+    measured.sizes = {export_format: export_artifact(launcher, run, export_format, work) for export_format in FORMATS}
     run_child(launcher, "floor_export", work / "floor", images, work, run=run)
     paths = {"run": run, **{f: work / "artifacts" / f for f in FORMATS}, "floor": work / "floor"}
     common = {"count": args.images, "repeats": args.repeats}

@@ -11,7 +11,11 @@ so that its peak memory is its own. Kinds:
   batch 8;
 * ``floor_export``: anomalib's own ``to_openvino`` export of one tile model (tile 0 of the run);
 * ``floor``: that single-tile OpenVINO model on tile-sized inputs, times the number of tiles: what
-  the ensemble would cost if the tile models ran with no overhead at all.
+  the ensemble would cost if the tile models ran with no overhead at all;
+* ``backbone``: the run's model class with its backbone, built for the whole image at full
+  resolution: its feature extractor's pass over one image (torch, and OpenVINO converted from it):
+  the floor of backbone work of any model at that resolution;
+* ``weights``: bytes of the run's first tile model: its feature extractor's and everything else's.
 
 Loading is not timed; two warm-up calls precede the timed ones.
 """
@@ -31,6 +35,7 @@ from typing import Any
 WARMUP = 2
 THROUGHPUT_BATCH = 8
 OPENVINO_FP32 = {"INFERENCE_PRECISION_HINT": "f32"}
+KINDS = ("run", "torch", "onnx", "openvino", "floor_export", "floor", "backbone", "weights")
 
 
 def timed(function: Callable[[], Any], repeats: int) -> float:
@@ -125,10 +130,55 @@ def measure_floor(target: Path, repeats: int) -> dict[str, float]:
     return {"latency_s": latency, "throughput_ips": 1.0 / per_image}
 
 
+def _extractor(target: Path, size: tuple[int, int] | None) -> tuple[Any, tuple[int, int]]:
+    """The feature extractor of a model like the run's (built for ``size``, default the whole image), and the size."""
+    from anomalib_tiled.execution.models import ModelFactory  # noqa: PLC0415
+    from anomalib_tiled.run.config import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.run.directory import RunDirectory  # noqa: PLC0415
+
+    config = read_run_config(RunDirectory.open(target))
+    size = size or config.settings.grid.image_size
+    model = ModelFactory.from_spec(config.model_spec).build(size, [])
+    return model.model.feature_extractor.eval(), size
+
+
+def measure_backbone(target: Path, repeats: int) -> dict[str, float]:
+    """One pass of the run's backbone over a whole image at full resolution, torch and OpenVINO."""
+    import openvino as ov  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    extractor, size = _extractor(target, None)
+    image = torch.rand(1, 3, *size)
+    with torch.no_grad():
+        torch_latency = timed(lambda: extractor(image), repeats)
+        compiled = ov.Core().compile_model(ov.convert_model(extractor, example_input=image), "CPU", OPENVINO_FP32)
+    latency = timed(lambda: compiled(image.numpy()), repeats)
+    return {"latency_s": latency, "torch_latency_s": torch_latency, "throughput_ips": 1.0 / latency}
+
+
+def measure_weights(target: Path) -> dict[str, float]:
+    """Bytes of the first tile model's tensors: its feature extractor's, and the rest (its own)."""
+    from anomalib_tiled.execution.models import ModelFactory  # noqa: PLC0415
+    from anomalib_tiled.run.config import read_run_config  # noqa: PLC0415
+    from anomalib_tiled.run.directory import RunDirectory  # noqa: PLC0415
+
+    run = RunDirectory.open(target)
+    config = read_run_config(run)
+    position = config.settings.grid.positions[0]
+    model = ModelFactory.from_spec(config.model_spec).load(
+        run.verify_checkpoint(position.name), (position.height, position.width)
+    )
+    state = model.state_dict()
+    extractor = {f"model.feature_extractor.{key}" for key in model.model.feature_extractor.state_dict()}
+    size = {key: value.numel() * value.element_size() for key, value in state.items()}
+    backbone = sum(value for key, value in size.items() if key in extractor)
+    return {"backbone_bytes": backbone, "own_bytes": sum(size.values()) - backbone}
+
+
 def main() -> None:
     """Measure one contender; write its numbers as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", required=True, choices=("run", "torch", "onnx", "openvino", "floor_export", "floor"))
+    parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--target", type=Path, required=True, help="run directory, artifact folder or floor folder")
     parser.add_argument("--images", type=Path, required=True, help="folder of the images to predict")
     parser.add_argument(
@@ -146,6 +196,10 @@ def main() -> None:
         (args.target / "floor.json").write_text(json.dumps(result) + "\n", encoding="utf-8")
     elif args.kind == "floor":
         result = measure_floor(args.target, args.repeats)
+    elif args.kind == "backbone":
+        result = measure_backbone(args.target, args.repeats)
+    elif args.kind == "weights":
+        result = measure_weights(args.target)
     else:
         result = measure_artifact(args.target, images, args.repeats)
     args.result.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
