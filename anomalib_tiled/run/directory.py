@@ -5,8 +5,13 @@ A run lives in ``<default_root_dir>/<Model>/<Dataset>/<category>/vN`` (anomalib'
 
     vN/
       config.yaml           fully resolved config; ``eval``/``predict`` need nothing else
-      manifest.json         run state: per-tile checkpoints (size + sha256), status, evaluations
-      weights/<tile>.ckpt   one Lightning checkpoint per tile position
+      manifest.json         run state: per-tile checkpoints and the shared files each references
+                            (size + sha256), status, evaluations
+      weights/<tile>.ckpt   one Lightning checkpoint per tile position, its large tensors replaced by
+                            references to shared files
+      weights/shared/       <sha256>.safetensors: one tensor of at least 64 KiB each, named by its
+                            content, stored once however many tiles hold it (a frozen pretrained
+                            backbone is one set of files; a tile's own weights are files of its own)
       splits/<split>/       image paths, labels and masks of each split at the tiled image size
                             (``splits/<fingerprint>/`` for test sets evaluated later)
       predictions/<fp>/     raw tile predictions (``.npy``) per split content fingerprint, streamed
@@ -19,7 +24,10 @@ A run lives in ``<default_root_dir>/<Model>/<Dataset>/<category>/vN`` (anomalib'
       run.log               full log, tracebacks included
 
 Every file a later stage trusts is written to a temporary name and renamed, so a crash never leaves
-a truncated file under its final name, and ``manifest.json`` says whether the run is complete.
+a truncated file under its final name, and ``manifest.json`` says whether the run is complete. A
+tile counts as done only while its checkpoint and every shared file its manifest entry lists match
+their recorded size and sha256: a resumed run retrains the tiles that use a missing or corrupt
+shared file (rewriting it), as it retrains a tile whose checkpoint is corrupt.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ from typing import Any
 from anomalib_tiled.errors import RunDirectoryError
 
 MANIFEST_FORMAT = 1
+
+SHARED_DIR = "shared"
+"""Folder of the shared weights files, inside the run's ``weights`` folder (see :mod:`anomalib_tiled.run.weights`)."""
 
 
 class RunStatus:
@@ -75,6 +86,32 @@ def file_digest(path: Path) -> dict[str, Any]:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def shared_file(weights_dir: Path, digest: str) -> Path:
+    """File of the shared tensor whose sha256 is ``digest``, in a run's ``weights`` folder."""
+    return weights_dir / SHARED_DIR / f"{digest}.safetensors"
+
+
+def shared_file_error(path: Path, problem: str, root: Path) -> RunDirectoryError:
+    """The one-line error of a shared weights file that is missing or corrupt.
+
+    Args:
+        path: The shared file.
+        problem: ``"missing"``, or what is corrupt about it (in parentheses in the message).
+        root: The run's ``vN`` folder.
+    """
+    fix = f"retrain the tiles that use it with 'anomalib tiled train --resume {root}'"
+    if problem == "missing":
+        return RunDirectoryError(f"{path}: shared weights file is missing; {fix}")
+    return RunDirectoryError(f"{path}: shared weights file is corrupt ({problem}); delete it and {fix}")
+
+
+def _matches(path: Path, recorded: dict[str, Any] | None) -> bool:
+    """Whether ``path`` is a file of the recorded size and sha256."""
+    if recorded is None or not path.is_file() or path.stat().st_size != recorded["size"]:
+        return False
+    return file_digest(path) == recorded
 
 
 def _versions(parent: Path) -> list[int]:
@@ -191,6 +228,18 @@ class RunDirectory:
         """Checkpoint of one tile position."""
         return self.root / "weights" / f"{tile_name}.ckpt"
 
+    def shared_path(self, digest: str) -> Path:
+        """Shared weights file of the tensor whose sha256 is ``digest``."""
+        return shared_file(self.root / "weights", digest)
+
+    def shared_files(self, tile_name: str) -> list[tuple[Path, dict[str, Any]]]:
+        """The shared files a finished tile's checkpoint references, with their recorded size and sha256.
+
+        Tiles of runs older than the shared store reference none.
+        """
+        entry = self.manifest()["tiles"].get(tile_name) or {}
+        return [(self.shared_path(shared["sha256"]), shared) for shared in entry.get("shared", [])]
+
     def split_dir(self, split: str) -> Path:
         """Paths, labels and masks of a split."""
         return self.root / "splits" / split
@@ -233,29 +282,48 @@ class RunDirectory:
         self.write_manifest(manifest)
 
     def verified_tile(self, tile_name: str) -> dict[str, Any] | None:
-        """The manifest entry of a finished tile whose checkpoint still matches its digest, else None."""
+        """The manifest entry of a finished tile whose checkpoint and shared files match their digests, else None."""
         entry = self.manifest()["tiles"].get(tile_name)
-        checkpoint = self.checkpoint_path(tile_name)
-        if not entry or not checkpoint.is_file() or checkpoint.stat().st_size != entry["checkpoint"]["size"]:
+        if not entry or not _matches(self.checkpoint_path(tile_name), entry["checkpoint"]):
             return None
-        return entry if file_digest(checkpoint) == entry["checkpoint"] else None
+        return entry if all(_matches(path, recorded) for path, recorded in self.shared_files(tile_name)) else None
+
+    def prune_shared(self) -> list[Path]:
+        """Delete the files of ``weights/shared/`` that no tile of the manifest references.
+
+        They are left by tile jobs that were killed or retrained with other results (and temporary
+        files of killed writers). Only call it while no tile job runs, with every tile recorded: a
+        file a recorded tile references is never deleted.
+
+        Returns:
+            The deleted files.
+        """
+        directory = self.root / "weights" / SHARED_DIR
+        if not directory.is_dir():
+            return []
+        referenced = {path for tile in self.manifest()["tiles"] for path, _ in self.shared_files(tile)}
+        removed = [path for path in directory.iterdir() if path.is_file() and path not in referenced]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        return removed
 
     def check_checkpoints(self) -> None:
-        """Quick integrity check of every tile checkpoint: present and of the recorded size.
+        """Quick integrity check of every tile checkpoint and shared file: present and of the recorded size.
 
         The full sha256 is checked by :meth:`verify_checkpoint` whenever a checkpoint is loaded.
 
         Raises:
-            RunDirectoryError: Naming the first missing or truncated checkpoint.
+            RunDirectoryError: Naming the first missing or truncated checkpoint or shared file.
         """
         for tile_name in self.manifest()["tiles"]:
             self._check_checkpoint(tile_name, full=False)
 
     def verify_checkpoint(self, tile_name: str) -> Path:
-        """Path of a tile checkpoint after checking its size and sha256 against the manifest.
+        """Path of a tile checkpoint after checking its and its shared files' size and sha256 against the manifest.
 
         Raises:
-            RunDirectoryError: If the checkpoint is missing or does not match its recorded digest.
+            RunDirectoryError: If the checkpoint or a shared file it references is missing or does
+                not match its recorded digest.
         """
         return self._check_checkpoint(tile_name, full=True)
 
@@ -275,4 +343,14 @@ class RunDirectory:
                 f"{checkpoint}: tile checkpoint is corrupt (size/sha256 differ from manifest.json); delete it and {fix}"
             )
             raise RunDirectoryError(msg)
+        for path, shared in self.shared_files(tile_name):
+            self._check_shared(path, shared, full=full)
         return checkpoint
+
+    def _check_shared(self, path: Path, recorded: dict[str, Any], *, full: bool) -> None:
+        if not path.is_file():
+            raise shared_file_error(path, "missing", self.root)
+        if path.stat().st_size != recorded["size"]:
+            raise shared_file_error(path, "its size differs from manifest.json", self.root)
+        if full and file_digest(path) != recorded:
+            raise shared_file_error(path, "size/sha256 differ from manifest.json", self.root)
