@@ -22,6 +22,7 @@ from anomalib.callbacks.checkpoint import ModelCheckpoint
 from anomalib.engine import Engine
 from anomalib.models import AnomalibModule
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from anomalib_tiled.config.components import fresh_callbacks, fresh_loggers
 from anomalib_tiled.data.npyfile import NpyFile
@@ -31,6 +32,7 @@ from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.run.directory import RunDirectory, atomic_path, file_digest
 from anomalib_tiled.run.store import PredictionStore, TilePredictionWriter
+from anomalib_tiled.run.weights import SharedWeights, share
 from anomalib_tiled.settings import RuntimeSettings, TrainingSettings
 from anomalib_tiled.tiling import TilePosition
 
@@ -111,12 +113,14 @@ class TileResult:
         checkpoint: Size and sha256 of the checkpoint a fit wrote (None for predictions).
         phases: Seconds of a fit's phases: ``setup`` (model, callbacks, trainer), ``fit`` (training and
             validation), ``predict`` (the other splits), ``save`` (checkpoint and digest).
+        shared: Size and sha256 of each shared weights file the checkpoint references.
     """
 
     name: str
     seconds: float
     checkpoint: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    shared: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -184,7 +188,7 @@ class FitTileJob(TileJobBase):
         clock.lap("setup")
         _fit(engine, model, self.train.loader(position, context.training.seed, shuffle=True), val_loader)
         clock.lap("fit")
-        checkpoint.save_final(engine.trainer)
+        shared = checkpoint.save_final(engine.trainer)
         clock.lap("save")
         if writer is not None and writer.last_written_step != engine.trainer.global_step:
             # The last validation ran before the final weights (val_check_interval / check_val_every_n_epoch).
@@ -200,33 +204,43 @@ class FitTileJob(TileJobBase):
         # Which physical GPU a pinned worker's cuda:0 is.
         where = f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device.type == "cuda" and visible else str(device)
         logger.info(
-            "%s trained in %.1f s on %s (%d training tiles, checkpoint %.1f MB).",
+            "%s trained in %.1f s on %s (%d training tiles, checkpoint %.1f MB + %.1f MB in %d shared files).",
             position.name,
             seconds,
             where,
             len(self.train.record),
             checkpoint.path.stat().st_size / 2**20,
+            sum(entry["size"] for entry in shared) / 2**20,
+            len(shared),
         )
-        return TileResult(self.name, seconds, digest, clock.seconds)
+        return TileResult(self.name, seconds, digest, phases=clock.seconds, shared=shared)
 
     def finish(self, result: TileResult) -> None:
-        """Record the tile as done, once the checkpoint here matches the one the job wrote.
+        """Record the tile as done, once the checkpoint and shared files here match those the job wrote.
 
         Runs in the process that owns the run (the only writer of ``manifest.json``), whichever
         worker or node ran the job.
 
         Raises:
-            RunDirectoryError: If the checkpoint is missing or differs (storage not shared).
+            RunDirectoryError: If the checkpoint or a shared file is missing or differs (storage not shared).
         """
-        path = self.context.run.checkpoint_path(self.name)
-        if result.checkpoint is None or not path.is_file() or file_digest(path) != result.checkpoint:
-            msg = (
-                f"{path}: the checkpoint written by the tile job is missing or different here; put the run "
-                "directory on storage every worker sees (see docs/distributed.md)"
-            )
-            raise RunDirectoryError(msg)
-        entry = {"checkpoint": result.checkpoint, "seconds": round(result.seconds, 2), "phases": result.phases}
-        self.context.run.record_tile(self.name, entry)
+        run = self.context.run
+        written = [("checkpoint", run.checkpoint_path(self.name), result.checkpoint)]
+        written += [("shared weights file", run.shared_path(entry["sha256"]), entry) for entry in result.shared]
+        for what, path, recorded in written:
+            if recorded is None or not path.is_file() or file_digest(path) != recorded:
+                msg = (
+                    f"{path}: the {what} written by the tile job is missing or different here; put the run "
+                    "directory on storage every worker sees (see docs/distributed.md)"
+                )
+                raise RunDirectoryError(msg)
+        entry = {
+            "checkpoint": result.checkpoint,
+            "shared": result.shared,
+            "seconds": round(result.seconds, 2),
+            "phases": result.phases,
+        }
+        run.record_tile(self.name, entry)
 
 
 def predict_tile(context: TileContext, model: AnomalibModule, position: TilePosition, split: TileSplit) -> None:
@@ -260,11 +274,50 @@ class TileCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=path.parent, filename=path.stem, save_top_k=0, save_last=False)
         self.path = path
 
-    def save_final(self, trainer: Trainer) -> None:
-        """Write the trained weights atomically (also for zero-shot models, which never train)."""
-        with atomic_path(self.path) as temporary:
-            # Weights, hyper-parameters and anomalib's component configs; no optimizer/loop state.
-            trainer.save_checkpoint(temporary, weights_only=True)
+    def save_final(self, trainer: Trainer) -> list[dict[str, Any]]:
+        """Write the trained weights atomically (also for zero-shot models, which never train).
+
+        Large tensors go to the run's shared weights (:mod:`anomalib_tiled.run.weights`), stored once
+        however many tiles hold them; the checkpoint references them.
+
+        Returns:
+            Size and sha256 of each shared file the checkpoint references.
+        """
+        io = trainer.strategy.checkpoint_io
+        sharing = SharingCheckpointIO(io, SharedWeights(self.path.parent))
+        # Lightning's seam for how a checkpoint dict is written: the dict is split just before.
+        trainer.strategy.checkpoint_io = sharing
+        try:
+            with atomic_path(self.path) as temporary:
+                # Weights, hyper-parameters and anomalib's component configs; no optimizer/loop state.
+                trainer.save_checkpoint(temporary, weights_only=True)
+        finally:
+            trainer.strategy.checkpoint_io = io
+        return sharing.shared
+
+
+class SharingCheckpointIO(CheckpointIO):
+    """Checkpoint IO that moves large tensors to the shared weights, then saves the rest as ``inner`` does.
+
+    Args:
+        inner: The trainer's checkpoint IO (anomalib's), which writes the checkpoint itself.
+        store: The run's shared weights.
+    """
+
+    def __init__(self, inner: CheckpointIO, store: SharedWeights) -> None:
+        self.inner = inner
+        self.store = store
+        self.shared: list[dict[str, Any]] = []
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        split, self.shared = share(checkpoint, self.store)
+        self.inner.save_checkpoint(split, path, storage_options=storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
 
 
 class TileEngine(Engine):

@@ -11,15 +11,19 @@ its validation tiles.
 from __future__ import annotations
 
 import inspect
+import io
 from pathlib import Path
 from typing import Any
 
+import torch
 from anomalib.metrics import Evaluator
 from anomalib.models import AnomalibModule
+from anomalib.utils.serialization import anomalib_safe_globals
 
 from anomalib_tiled.config.components import validation_metrics
 from anomalib_tiled.config.model_spec import ModelSpec
 from anomalib_tiled.errors import ConfigError
+from anomalib_tiled.run.weights import SharedWeights, has_references, join
 from anomalib_tiled.tiling import Size
 
 
@@ -61,10 +65,16 @@ class ModelFactory(ModelSpec):
     def load(self, checkpoint: Path, tile_size: Size) -> AnomalibModule:
         """A trained tile model from its checkpoint (``weights_only=True`` through anomalib's loader).
 
+        A checkpoint referencing shared weights is reassembled in memory first, so anomalib's
+        loader gets the checkpoint as it was before its large tensors were shared.
+
         Args:
-            checkpoint: The tile's checkpoint.
+            checkpoint: The tile's checkpoint (verified, with its shared files, by the run directory).
             tile_size: ``(height, width)`` of the tiles: models whose layers depend on the input
                 size (FastFlow) are built for it, as they were for training.
+
+        Raises:
+            RunDirectoryError: If a shared file the checkpoint references is missing or unreadable.
         """
         overrides: dict[str, Any] = {"post_processor": False, "evaluator": False, "visualizer": False}
         if self.init_args.get("pre_processor", True) is True:
@@ -72,7 +82,20 @@ class ModelFactory(ModelSpec):
         # The checkpoint holds the weights: no need to fetch pretrained backbones again.
         if "pre_trained" in inspect.signature(self.model_class.__init__).parameters:
             overrides["pre_trained"] = False
-        return self.model_class.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True, **overrides)
+        source = self._full_checkpoint(checkpoint)
+        return self.model_class.load_from_checkpoint(source, map_location="cpu", weights_only=True, **overrides)
+
+    def _full_checkpoint(self, checkpoint: Path) -> Path | io.BytesIO:
+        """``checkpoint`` itself (runs without shared weights), else the full checkpoint in a buffer."""
+        with anomalib_safe_globals(extra=self.model_class.checkpoint_safe_globals()):
+            # Memory-mapped: only the references are read here, the tensors when they are copied.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        if not has_references(state):
+            return checkpoint
+        buffer = io.BytesIO()
+        torch.save(join(state, SharedWeights(checkpoint.parent), checkpoint), buffer)
+        buffer.seek(0)
+        return buffer
 
 
 def _tile_pre_processor(model_class: type[AnomalibModule], tile_size: Size) -> Any:
