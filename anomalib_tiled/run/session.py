@@ -87,6 +87,9 @@ class RunSession:
             splits: Fingerprint of each split, by name.
             stages: Wall seconds of each training stage (``decode``, ``tiles``, ``statistics``).
         """
+        # Every tile is recorded and no tile job runs: shared files no tile references (left by killed
+        # or retrained jobs) can go, before the run says it is complete.
+        self.run.prune_shared()
         # Time of this session only: a resumed run reports the time it took to finish.
         seconds = round(time.perf_counter() - self.started, 1)
         self.run.update_manifest(
