@@ -10,6 +10,8 @@ Shared by the entry scripts:
 * :mod:`~benchmarks.harness.ours`, :mod:`~benchmarks.harness.sides` and :mod:`~benchmarks.harness.results`:
   the sides (ours, upstream, a single model) and what each gave, verified;
 * :mod:`~benchmarks.harness.manifest`: what a run of ours records in its ``manifest.json`` (stage times);
+* :mod:`~benchmarks.harness.contenders`: exported artifacts and the monitored children that time them;
+* :mod:`~benchmarks.harness.backbones`: offline backbones at their real sizes (seeded-weight cache entries);
 * :mod:`~benchmarks.harness.datasets`: deterministic MVTec AD subsets and the synthetic set;
 * :mod:`~benchmarks.harness.machine` and :mod:`~benchmarks.harness.markdown`: machine facts, number formats
   and the ``results.md`` + ``results.json`` pair.
