@@ -59,10 +59,15 @@ class TileContext:
 
     def engine(self, position: TilePosition, callbacks: list[Any], *, fitting: bool) -> TileEngine:
         """Anomalib Engine of one tile: the user's trainer settings over quiet defaults, on one device."""
+        arguments = self.trainer_arguments(position, fitting=fitting)
+        return TileEngine(callbacks=callbacks, default_root_dir=self.tile_dir(position), **arguments)
+
+    def trainer_arguments(self, position: TilePosition, *, fitting: bool) -> dict[str, Any]:
+        """Lightning ``Trainer`` arguments of a tile's engine (callbacks and root folder aside)."""
         trainer = self.training.trainer
         tile_dir = self.tile_dir(position)
         devices = self.runtime.devices if self.runtime.devices is not None else trainer.get("devices")
-        arguments = {
+        return {
             "enable_progress_bar": False,
             "enable_model_summary": False,
             **{k: v for k, v in trainer.items() if k not in {"callbacks", "logger", "devices"}},
@@ -73,7 +78,6 @@ class TileContext:
             # no index: a run trained on GPU 1 is evaluated on a CPU box), "auto" means one.
             "devices": devices if isinstance(devices, list) and self.runtime.accelerator != "cpu" else 1,
         }
-        return TileEngine(callbacks=callbacks, default_root_dir=tile_dir, **arguments)
 
     def pinned(self) -> TileContext:
         """A copy for a worker pinned to one device, which it sees as its first (``CUDA_VISIBLE_DEVICES``)."""
@@ -111,12 +115,14 @@ class TileResult:
         checkpoint: Size and sha256 of the checkpoint a fit wrote (None for predictions).
         phases: Seconds of a fit's phases: ``setup`` (model, callbacks, trainer), ``fit`` (training and
             validation), ``predict`` (the other splits), ``save`` (checkpoint and digest).
+        tiles: Tile positions the job did (a batched prediction job does several).
     """
 
     name: str
     seconds: float
     checkpoint: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    tiles: int = 1
 
 
 @dataclass
