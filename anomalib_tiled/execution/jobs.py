@@ -3,8 +3,9 @@
 What a job does is kept apart from where it runs (:mod:`anomalib_tiled.execution.runners.serial`), as in anomalib's
 ``pipelines.components.base`` (``Job`` / ``Runner``). Every job gets everything it needs in its
 fields, so a runner can execute it anywhere. Tile models run through anomalib's ``Engine`` (a
-Lightning ``Trainer``); :func:`predict_tile` is the only way tiles are predicted, for the test split
-and calibration splits right after fitting, for ``eval`` and for ``predict`` alike.
+Lightning ``Trainer``); :func:`predict_tile` is how one tile model predicts a split, for the test split
+and calibration splits right after fitting, and for ``eval`` and ``predict`` when tile models share
+no feature extractor (else :mod:`anomalib_tiled.execution.batched` predicts them together).
 """
 
 from __future__ import annotations
