@@ -1,10 +1,11 @@
-"""Tile datasets: the tile at one grid position of every image of a split, read from the split's image cache."""
+"""Tile datasets: the tiles at one grid position (or several) of every image of a split, from its image cache."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.tv_tensors import Mask
@@ -65,6 +66,43 @@ class TileDataset(Dataset):
             image_path=self.record.image_paths[index],
             mask_path=self.record.mask_paths[index] or None,
         )
+
+
+class GroupTileDataset(Dataset):
+    """The tiles at several grid positions of every image of a split, for tile models predicted together.
+
+    Each item is ``{"tiles": (n_positions, 3, tile_h, tile_w)}``, the crops :class:`TileDataset` gives
+    for each position (the same pixels and values), read with one read of the rows they span.
+
+    Args:
+        images: ``(N, H, W, 3)`` uint8 cache.
+        record: The split's record.
+        positions: Grid positions to cut, all of one tile size.
+    """
+
+    def __init__(self, images: NpyFile, record: SplitRecord, positions: Sequence[TilePosition]) -> None:
+        self.images = images
+        self.record = record
+        self.positions = list(positions)
+        self.top = min(position.top for position in self.positions)
+        self.bottom = max(position.top + position.height for position in self.positions)
+
+    def __len__(self) -> int:
+        return len(self.record)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        band = self.images.read_rows(index, self.top, self.bottom)
+        crops = [
+            band[position.top - self.top : position.top - self.top + position.height, position.slices[1]]
+            for position in self.positions
+        ]
+        tiles = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float().div_(255)
+        return {"tiles": tiles}
+
+
+def group_tile_loader(dataset: GroupTileDataset, batch_size: int) -> DataLoader:
+    """DataLoader of a :class:`GroupTileDataset`, in order, ``batch_size`` images (each with all its tiles) a batch."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def tile_loader(dataset: TileDataset, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:

@@ -3,8 +3,9 @@
 What a job does is kept apart from where it runs (:mod:`anomalib_tiled.execution.runners.serial`), as in anomalib's
 ``pipelines.components.base`` (``Job`` / ``Runner``). Every job gets everything it needs in its
 fields, so a runner can execute it anywhere. Tile models run through anomalib's ``Engine`` (a
-Lightning ``Trainer``); :func:`predict_tile` is the only way tiles are predicted, for the test split
-and calibration splits right after fitting, for ``eval`` and for ``predict`` alike.
+Lightning ``Trainer``); :func:`predict_tile` is how one tile model predicts a split, for the test split
+and calibration splits right after fitting, and for ``eval`` and ``predict`` when tile models share
+no feature extractor (else :mod:`anomalib_tiled.execution.batched` predicts them together).
 """
 
 from __future__ import annotations
@@ -61,10 +62,15 @@ class TileContext:
 
     def engine(self, position: TilePosition, callbacks: list[Any], *, fitting: bool) -> TileEngine:
         """Anomalib Engine of one tile: the user's trainer settings over quiet defaults, on one device."""
+        arguments = self.trainer_arguments(position, fitting=fitting)
+        return TileEngine(callbacks=callbacks, default_root_dir=self.tile_dir(position), **arguments)
+
+    def trainer_arguments(self, position: TilePosition, *, fitting: bool) -> dict[str, Any]:
+        """Lightning ``Trainer`` arguments of a tile's engine (callbacks and root folder aside)."""
         trainer = self.training.trainer
         tile_dir = self.tile_dir(position)
         devices = self.runtime.devices if self.runtime.devices is not None else trainer.get("devices")
-        arguments = {
+        return {
             "enable_progress_bar": False,
             "enable_model_summary": False,
             **{k: v for k, v in trainer.items() if k not in {"callbacks", "logger", "devices"}},
@@ -75,7 +81,6 @@ class TileContext:
             # no index: a run trained on GPU 1 is evaluated on a CPU box), "auto" means one.
             "devices": devices if isinstance(devices, list) and self.runtime.accelerator != "cpu" else 1,
         }
-        return TileEngine(callbacks=callbacks, default_root_dir=tile_dir, **arguments)
 
     def pinned(self) -> TileContext:
         """A copy for a worker pinned to one device, which it sees as its first (``CUDA_VISIBLE_DEVICES``)."""
@@ -114,6 +119,7 @@ class TileResult:
         phases: Seconds of a fit's phases: ``setup`` (model, callbacks, trainer), ``fit`` (training and
             validation), ``predict`` (the other splits), ``save`` (checkpoint and digest).
         shared: Size and sha256 of each shared weights file the checkpoint references.
+        tiles: Tile positions the job did (a batched prediction job does several).
     """
 
     name: str
@@ -121,6 +127,7 @@ class TileResult:
     checkpoint: dict[str, Any] | None = None
     phases: dict[str, float] = field(default_factory=dict)
     shared: list[dict[str, Any]] = field(default_factory=list)
+    tiles: int = 1
 
 
 @dataclass

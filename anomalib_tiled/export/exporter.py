@@ -6,11 +6,13 @@ import importlib.util
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from anomalib_tiled.data.sources import collect_images
 from anomalib_tiled.data.splits import SplitRecord
 from anomalib_tiled.errors import ConfigError, ExportError, RunDirectoryError
 from anomalib_tiled.execution.models import ModelFactory
+from anomalib_tiled.execution.shared import share_extractor
 from anomalib_tiled.export.artifact import ArtifactMetadata, Compression, ExportFormat, grid_dict
 from anomalib_tiled.export.formats import write_model
 from anomalib_tiled.export.graph import TiledEnsembleGraph, check_exportable, example_input, trace
@@ -69,8 +71,10 @@ def export_run(
     directory.mkdir(parents=True, exist_ok=True)
     with RunLog(run.log_path):
         statistics = statistics_for(run, settings, directory)
-        listener.message(f"Tracing {len(settings.grid)} {factory.name} tile models into one graph")
-        program, batch = trace(_graph(run, settings, factory, statistics), factory.name)
+        graph = _graph(run, settings, factory, statistics)
+        shared = f" ({graph.shared_tiles} sharing one feature extractor)" if graph.shared_tiles else ""
+        listener.message(f"Tracing {len(settings.grid)} {factory.name} tile models{shared} into one graph")
+        program, batch = trace(graph, factory.name)
         images = _quantization_images(run, quantization_images) if compression == Compression.INT8_PTQ else ()
         listener.message(f"Writing the {export_format.value} artifact")
         example = example_input(batch, settings.grid.image_size)
@@ -100,9 +104,18 @@ def _open_run(
 def _graph(
     run: RunDirectory, settings: EnsembleSettings, factory: ModelFactory, statistics: Statistics
 ) -> TiledEnsembleGraph:
-    """The ensemble of the run's verified tile checkpoints, in eval mode."""
+    """The ensemble of the run's verified tile checkpoints, in eval mode.
+
+    Checkpoints are loaded one at a time, each model keeping an identical extractor loaded before
+    it instead of its own, so a shared extractor is in memory once.
+    """
     grid = settings.grid
-    models = [factory.load(run.verify_checkpoint(p.name), (p.height, p.width)).eval() for p in grid]
+    extractors: dict[str, Any] = {}
+    models = []
+    for position in grid:
+        model = factory.load(run.verify_checkpoint(position.name), (position.height, position.width)).eval()
+        share_extractor(model, extractors)
+        models.append(model)
     return TiledEnsembleGraph(models, build_merger(grid, settings.postprocessing), statistics)
 
 

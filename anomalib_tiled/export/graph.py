@@ -2,7 +2,9 @@
 
 Every step calls the code ``predict`` itself runs, so the graph cannot drift from it: the tile
 models are anomalib modules (their ``forward`` runs the pre-processor's export transform, then the
-inference model), :func:`~anomalib_tiled.run.store.tile_outputs` shapes their outputs, and
+inference model; tile models with an identical feature extractor run it once, batched, through the
+same :class:`~anomalib_tiled.execution.shared.SharedExtractorTiles` as ``predict``),
+:func:`~anomalib_tiled.run.store.tile_outputs` shapes their outputs, and
 :func:`~anomalib_tiled.merge.merging.post_process` scales, normalises, merges, smooths, pools and thresholds
 with the run's statistics. Only the image resize is rewritten as exportable tensor ops
 (:mod:`~anomalib_tiled.export.resize`).
@@ -17,6 +19,7 @@ from torch import nn
 
 from anomalib_tiled.data.splits import pixel_levels
 from anomalib_tiled.errors import ExportError
+from anomalib_tiled.execution.shared import SharedExtractorTiles, tile_units
 from anomalib_tiled.export.resize import resize_antialiased
 from anomalib_tiled.merge.merging import TileMerger, TilePredictions, post_process
 from anomalib_tiled.merge.statistics import Statistics
@@ -28,15 +31,21 @@ GraphOutputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 class TiledEnsembleGraph(nn.Module):
     """Resize, tile, run every tile model, merge, smooth, pool, normalise and threshold.
 
+    Tile models whose feature extractors are identical by content run as one unit
+    (:class:`~anomalib_tiled.execution.shared.SharedExtractorTiles`): the graph holds that extractor
+    once and calls it once per batch, with every tile on the batch axis; the others run one by one.
+
     Args:
-        models: Trained tile models in grid order.
+        models: Trained tile models in grid order (those of a shared group lose their own extractor).
         merger: Blending, pooling and seam smoothing of the run.
         statistics: The run's normalisation and threshold statistics.
     """
 
     def __init__(self, models: list[AnomalibModule], merger: TileMerger, statistics: Statistics) -> None:
         super().__init__()
-        self.models = nn.ModuleList(models)
+        units = tile_units(models)
+        self.indices = [indices for indices, _ in units]
+        self.units = nn.ModuleList([unit for _, unit in units])
         self.merger = merger
         self.statistics = statistics
         stages = [*(statistics.tiles or []), *([statistics.image] if statistics.image else [])]
@@ -47,6 +56,11 @@ class TiledEnsembleGraph(nn.Module):
         # or the tracer would fill them with its fake ones.
         grid = merger.grid
         grid.untile(torch.zeros(1, len(grid), *grid.tile_size), merger.blending)
+
+    @property
+    def shared_tiles(self) -> int:
+        """Tile models that run after a shared feature extractor."""
+        return sum(len(unit.tiles) for unit in self.units if isinstance(unit, SharedExtractorTiles))
 
     def forward(self, image: torch.Tensor) -> GraphOutputs:
         """Predict a batch.
@@ -62,12 +76,11 @@ class TiledEnsembleGraph(nn.Module):
         # The 8-bit levels of predict's image cache, so the tile models see the same pixels.
         image = pixel_levels(resize_antialiased(image, grid.image_size)) / 255
         tiles = grid.tile(image)
-        maps, scores = [], []
-        for position, model in zip(grid, self.models, strict=True):
-            output = model(tiles[:, :, position.index])
-            tile_map, tile_score = tile_outputs(output.anomaly_map, output.pred_score, grid.tile_size)
-            maps.append(tile_map)
-            scores.append(tile_score)
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for indices, unit in zip(self.indices, self.units, strict=True):
+            for index, output in zip(indices, unit([tiles[:, :, index] for index in indices]), strict=True):
+                outputs[index] = tile_outputs(output.anomaly_map, output.pred_score, grid.tile_size)
+        maps, scores = zip(*(outputs[position.index] for position in grid), strict=True)
         predictions = TilePredictions(torch.stack(maps, dim=1), torch.stack(scores, dim=1))
         batch = post_process(predictions, self.merger, self.statistics, [])
         return batch.anomaly_map, batch.pred_score, batch.pred_label, batch.pred_mask

@@ -244,3 +244,41 @@ class TilePredictionWriter(Callback):
         del pl_module
         if self.stage == "predict":
             self._finish(trainer)
+
+
+class GroupPredictionWriter(Callback):
+    """Lightning callback streaming the predict outputs of tile models predicted together into the store.
+
+    The module's ``predict_step`` returns one output per position, in the order of ``positions``;
+    each position's files are written and published as :class:`TilePredictionWriter` does.
+
+    Args:
+        store: Store of the split.
+        positions: Tile positions of the models, in the order of the outputs.
+        count: Number of images in the split.
+        fingerprint: Identity of the split.
+    """
+
+    def __init__(self, store: PredictionStore, positions: list[TilePosition], count: int, fingerprint: str) -> None:
+        self.store = store
+        self.positions = positions
+        self.count = count
+        self.fingerprint = fingerprint
+        self.writers: list[TileWriter] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        self.writers = [self.store.open_tile(p.name, self.count, (p.height, p.width)) for p in self.positions]
+
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        del trainer, pl_module, batch, args
+        for writer, output in zip(self.writers, outputs, strict=True):
+            writer.write(output.anomaly_map, output.pred_score)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        del trainer, pl_module
+        for writer in self.writers:
+            writer.finish(self.fingerprint)
+        self.writers = []

@@ -51,6 +51,11 @@ class ProcessRunner:
         self.slots = list(slots)
         self.max_retries = max_retries
 
+    @property
+    def parallelism(self) -> int:
+        """Jobs it runs at once: one per worker."""
+        return len(self.slots)
+
     def run(self, jobs: Sequence[TileJob], task: Task) -> list[TileResult]:
         """Run every job in the pool (no more workers than jobs) (see :func:`.serial.drive`)."""
         if not jobs:

@@ -53,6 +53,11 @@ class RayRunner:
         self.resources = resources
         self.max_retries = max_retries
 
+    @property
+    def parallelism(self) -> int | None:
+        """Tasks in flight at once: ``execution.workers``, or None (every job at once) when ``auto``."""
+        return self.resources.in_flight
+
     def run(self, jobs: Sequence[TileJob], task: Task) -> list[TileResult]:
         """Run every job as a Ray task; see :func:`~anomalib_tiled.execution.runners.serial.drive`."""
         if not jobs:

@@ -52,7 +52,11 @@ class TileJob(Protocol):
 
 
 class Runner(Protocol):
-    """Executes tile jobs and reports each finished one to a progress task."""
+    """Executes tile jobs and reports each finished one to a progress task.
+
+    A runner may also say how many jobs it runs at once (``parallelism``, 1 when absent): the
+    planner splits a group of tiles predicted together into that many jobs.
+    """
 
     def run(self, jobs: Sequence[TileJob], task: Task) -> list[TileResult]:
         """Run every job; stop at the first failure (or when the listener asks) by raising."""
@@ -81,7 +85,7 @@ def drive(backend: Backend, jobs: Sequence[TileJob], task: Task, max_retries: in
     Args:
         backend: Where jobs run.
         jobs: The tile jobs.
-        task: Progress task advanced once per finished job.
+        task: Progress task advanced by the tiles of each finished job.
         max_retries: Times a job whose worker died is run again.
 
     Returns:
@@ -111,7 +115,7 @@ def drive(backend: Backend, jobs: Sequence[TileJob], task: Task, max_retries: in
                 assert outcome.result is not None
                 job.finish(outcome.result)
                 results.append(outcome.result)
-                task.advance(detail=_detail(outcome.result, running, sum(attempts.values())))
+                task.advance(outcome.result.tiles, detail=_detail(outcome.result, running, sum(attempts.values())))
         _check_stop(task)
     except BaseException:
         backend.cancel()
@@ -141,6 +145,9 @@ class InProcess:
 
 class SerialRunner:
     """Runs tile jobs one after another in this process."""
+
+    parallelism = 1
+    """Jobs it runs at once (the planner hands it one batched prediction job per group of tiles)."""
 
     def run(self, jobs: Sequence[TileJob], task: Task) -> list[TileResult]:
         """Run every job in order; a stop request is honoured between jobs.
