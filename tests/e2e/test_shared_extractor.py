@@ -30,6 +30,7 @@ from anomalib_tiled.export import export_run, exporter
 from anomalib_tiled.export import graph as export_graph
 from anomalib_tiled.run.directory import RunDirectory
 from anomalib_tiled.run.store import run_store
+from anomalib_tiled.run.weights import SharedWeights, join
 from tests.conftest import IMAGE_SIZE, TILE_SIZE, base_config, write_config
 from tests.e2e.test_export import assert_parity, run_based_predict
 
@@ -228,7 +229,8 @@ def weight_bytes(run: Path) -> tuple[int, int]:
     """Bytes of one tile model's feature extractor, and of every tile model's weights besides it."""
     extractor, heads = 0, 0
     for checkpoint in (run / "weights").glob("*.ckpt"):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = join(saved, SharedWeights(checkpoint.parent), checkpoint)["state_dict"]  # shared tensors put back
         sizes = {name: value.numel() * value.element_size() for name, value in state.items()}
         extractor = sum(size for name, size in sizes.items() if name.startswith("model.feature_extractor."))
         heads += sum(size for name, size in sizes.items() if not name.startswith("model.feature_extractor."))
