@@ -258,17 +258,19 @@ class RaySettings:
             on a GPU, ``0`` on a CPU.
         runtime_env: Ray ``runtime_env`` of the tile jobs (``env_vars``, ``pip``...); ``None``
             relies on an identical environment on every node.
+        storage: ``shared`` (every node sees the run directory) or ``object_store`` (see docs/distributed.md).
     """
 
     address: str | None = None
     num_cpus_per_tile: float = 1
     num_gpus_per_tile: float | Literal["auto"] = AUTO
     runtime_env: dict[str, Any] | None = None
+    storage: Literal["shared", "object_store"] = "shared"
 
     def __post_init__(self) -> None:
+        check_choice(self.storage, ("shared", "object_store"), "execution.ray.storage")
         if self.num_cpus_per_tile <= 0:
-            msg = f"execution.ray.num_cpus_per_tile: must be > 0, got {self.num_cpus_per_tile}"
-            raise ConfigError(msg)
+            raise ConfigError(f"execution.ray.num_cpus_per_tile: must be > 0, got {self.num_cpus_per_tile}")
         if self.num_gpus_per_tile != AUTO and not 0 <= float(self.num_gpus_per_tile) <= 1:
             msg = f"execution.ray.num_gpus_per_tile: must be auto or in [0, 1], got {self.num_gpus_per_tile!r}"
             raise ConfigError(msg)
@@ -313,8 +315,7 @@ class ExecutionSettings:
             msg = f"execution.devices: must be auto or distinct GPU indices such as [0, 1], got {self.devices!r}"
             raise ConfigError(msg)
         if self.max_retries < 0:
-            msg = f"execution.max_retries: must be >= 0, got {self.max_retries}"
-            raise ConfigError(msg)
+            raise ConfigError(f"execution.max_retries: must be >= 0, got {self.max_retries}")
 
 
 @dataclass
