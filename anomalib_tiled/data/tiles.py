@@ -1,8 +1,14 @@
-"""Tile datasets: the tiles at one grid position (or several) of every image of a split, from its image cache."""
+"""Tile datasets: the tiles at one grid position (or several) of every image of a split, from its image cache.
+
+The tiles come from the split's decoded ``.npy`` cache, or from :class:`TileCrops`: that position's
+tiles cut out of the cache beforehand, which is all a tile job needs when it runs where the run
+directory is not (Ray's ``object_store`` storage).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,11 +22,43 @@ from anomalib_tiled.data.splits import SplitRecord
 from anomalib_tiled.tiling import TilePosition
 
 
+@dataclass
+class TileCrops:
+    """The tiles at one grid position of every image of a split, cut out of its cache.
+
+    Attributes:
+        images: ``(N, tile_h, tile_w, 3)`` uint8 tiles.
+        masks: ``(N, tile_h, tile_w)`` uint8 mask tiles, or None without pixel ground truth.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray | None
+
+    @classmethod
+    def cut(cls, images: NpyFile, record: SplitRecord, position: TilePosition) -> TileCrops:
+        """Read the tiles at ``position`` of every image (and mask), one image band at a time."""
+        masks = record.masks
+        return cls(_cut(images, position), None if masks is None else _cut(masks, position))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tiles (and masks)."""
+        return self.images.nbytes + (0 if self.masks is None else self.masks.nbytes)
+
+
+def _cut(source: NpyFile, position: TilePosition) -> np.ndarray:
+    rows, cols = position.slices
+    tiles = np.empty((len(source), position.height, position.width, *source.item_shape[2:]), source.dtype)
+    for index in range(len(source)):
+        tiles[index] = source.read_rows(index, rows.start, rows.stop)[:, cols]
+    return tiles
+
+
 class TileDataset(Dataset):
-    """The tile at one grid position of every image of a split, read from the image cache.
+    """The tile at one grid position of every image of a split, read from the image cache or cut beforehand.
 
     Args:
-        images: ``(N, H, W, 3)`` uint8 cache.
+        images: ``(N, H, W, 3)`` uint8 cache, or the tiles at ``position`` already cut out of it.
         record: The split's record (paths, labels, masks).
         position: Grid position to cut.
         augmentations: Optional torchvision transform applied to each tile (training only).
@@ -28,30 +66,36 @@ class TileDataset(Dataset):
 
     def __init__(
         self,
-        images: NpyFile,
+        images: NpyFile | TileCrops,
         record: SplitRecord,
         position: TilePosition,
         augmentations: Callable | None = None,
     ) -> None:
         self.images = images
         self.record = record
-        self.masks = record.masks
+        # Cut tiles bring their masks: the record's mask file is not read.
+        self.masks = images.masks if isinstance(images, TileCrops) else record.masks
         self.position = position
         self.augmentations = augmentations
 
     def __len__(self) -> int:
         return len(self.record)
 
+    def _tile(self, source: NpyFile | np.ndarray, index: int) -> torch.Tensor:
+        if isinstance(source, np.ndarray):
+            return torch.from_numpy(source[index].copy())
+        rows, cols = self.position.slices
+        return torch.from_numpy(source.read_rows(index, rows.start, rows.stop)[:, cols].copy())
+
     def __getitem__(self, index: int) -> Any:
         from anomalib.data import ImageItem  # noqa: PLC0415
 
-        rows, cols = self.position.slices
-        band = self.images.read_rows(index, rows.start, rows.stop)
-        image = torch.from_numpy(band[:, cols].copy()).permute(2, 0, 1).float().div_(255)
+        images = self.images.images if isinstance(self.images, TileCrops) else self.images
+        image = self._tile(images, index).permute(2, 0, 1).float().div_(255)
         label = self.record.labels[index]
         gt_mask = None
         if self.masks is not None and label != UNKNOWN_LABEL:
-            gt_mask = torch.from_numpy(self.masks.read_rows(index, rows.start, rows.stop)[:, cols].copy()).bool()
+            gt_mask = self._tile(self.masks, index).bool()
             # A tile is anomalous only if the defect reaches into it.
             label = int(gt_mask.any())
         if self.augmentations is not None:
