@@ -28,7 +28,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from anomalib_tiled.config.components import fresh_callbacks, fresh_loggers
 from anomalib_tiled.data.npyfile import NpyFile
 from anomalib_tiled.data.splits import SplitRecord
-from anomalib_tiled.data.tiles import TileDataset, tile_loader
+from anomalib_tiled.data.tiles import TileCrops, TileDataset, tile_loader
 from anomalib_tiled.errors import ConfigError, RunDirectoryError
 from anomalib_tiled.execution.models import ModelFactory
 from anomalib_tiled.run.directory import RunDirectory, atomic_path, file_digest
@@ -49,12 +49,14 @@ class TileContext:
         factory: Builds and loads the tile models.
         training: Seed and trainer settings.
         runtime: Accelerator and device.
+        where: Where the job runs besides its device (a Ray node), for its log line.
     """
 
     run: RunDirectory
     factory: ModelFactory
     training: TrainingSettings
     runtime: RuntimeSettings
+    where: str = ""
 
     def tile_dir(self, position: TilePosition) -> Path:
         """The tile's Lightning working folder (loggers write there)."""
@@ -89,10 +91,10 @@ class TileContext:
 
 @dataclass
 class TileSplit:
-    """A split as tile jobs read it: its record, decoded images, prediction store and batch size."""
+    """A split as tile jobs read it: its record, its image cache (or a job's tiles cut out of it), store, batch size."""
 
     record: SplitRecord
-    images: NpyFile
+    images: NpyFile | TileCrops
     batch_size: int
     store: PredictionStore | None = None
     augmentations: Any = None
@@ -151,12 +153,21 @@ class TileJobBase:
         """A copy for a worker pinned to one device (see :meth:`TileContext.pinned`)."""
         return replace(self, context=self.context.pinned())
 
+    def reads(self) -> list[Path]:
+        """Files of the run directory the job reads besides its splits' images (sent to detached jobs)."""
+        return []
+
 
 @dataclass
 class PredictTileJob(TileJobBase):
     """Predict one split with the trained model of one tile position (``eval``, ``predict``)."""
 
     split: TileSplit
+
+    def reads(self) -> list[Path]:
+        """The manifest, the tile's checkpoint and the shared files it references (verified against it)."""
+        run = self.context.run
+        return [run.manifest_path, run.checkpoint_path(self.name), *(path for path, _ in run.shared_files(self.name))]
 
     def run(self) -> TileResult:
         """Load the verified checkpoint and store the tile's predictions."""
@@ -210,6 +221,7 @@ class FitTileJob(TileJobBase):
         device, visible = engine.trainer.strategy.root_device, os.environ.get("CUDA_VISIBLE_DEVICES")
         # Which physical GPU a pinned worker's cuda:0 is.
         where = f"{device} (CUDA_VISIBLE_DEVICES={visible})" if device.type == "cuda" and visible else str(device)
+        where += f", {context.where}" if context.where else ""
         logger.info(
             "%s trained in %.1f s on %s (%d training tiles, checkpoint %.1f MB + %.1f MB in %d shared files).",
             position.name,
