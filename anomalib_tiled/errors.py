@@ -31,6 +31,10 @@ class TileJobError(TiledEnsembleError):
     """A tile job raised or its worker kept dying; the message names the tile and the cause."""
 
 
+class ClusterError(TiledEnsembleError):
+    """The Ray cluster was lost (its head stopped answering); the tiles finished so far are kept."""
+
+
 class ExportError(TiledEnsembleError):
     """A run cannot be exported, or an exported artifact cannot be run."""
 

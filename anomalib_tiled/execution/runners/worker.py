@@ -12,11 +12,13 @@ import logging
 import os
 import pickle
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anomalib_tiled.run.log import PACKAGE_LOGGER
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from anomalib_tiled.execution.jobs import TileResult
+    from anomalib_tiled.execution.transport import Parcel, RunFile
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Outcome:
         lost: Why the worker died before answering (killed, node lost), when it did.
         attempts: Attempts this outcome stands for (Ray retries lost tasks itself).
         records: This package's log records from the worker, for the run's log.
+        files: The files a job detached from the run directory wrote (``execution.ray.storage:
+            object_store``), for the process that owns the run to write there.
     """
 
     result: TileResult | None = None
@@ -46,6 +51,7 @@ class Outcome:
     lost: str | None = None
     attempts: int = 1
     records: list[logging.LogRecord] = field(default_factory=list)
+    files: list[RunFile] = field(default_factory=list)
 
 
 @dataclass
@@ -143,13 +149,33 @@ def _next_job(reader: Connection, writer: Connection) -> Any:
             writer.send(failure(error))
 
 
-def ray_execute(job: Any, threads: int, setup: WorkerSetup) -> Outcome:
-    """Body of a Ray tile task (Ray has already set ``CUDA_VISIBLE_DEVICES`` from its GPU share)."""
+def ray_execute(job: Any, threads: int, setup: WorkerSetup, parcel: Parcel | None = None) -> Outcome:
+    """Body of a Ray tile task (Ray has already set ``CUDA_VISIBLE_DEVICES`` from its GPU share).
+
+    Args:
+        job: The tile job.
+        threads: Torch threads.
+        setup: Logging levels and warning filters of the process that owns the run.
+        parcel: With ``execution.ray.storage: object_store``, what the job reads: it then runs in a
+            private temporary folder and its outcome carries the files it wrote there.
+    """
+    import ray  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
     torch.set_num_threads(threads)
     setup.apply()
-    return execute(job, remote=True)
+    node = ray.get_runtime_context().get_node_id()
+    job = replace(job, context=replace(job.context, where=f"Ray node {node[:12]} ({ray.util.get_node_ip_address()})"))
+    if parcel is None:
+        return execute(job, remote=True)
+    from anomalib_tiled.execution.transport import collect, unpack  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="anomalib-tiled-job-") as folder:
+        root = Path(folder)
+        outcome = execute(unpack(job, parcel, root), remote=True)
+        if outcome.result is not None:
+            outcome.files = collect(root, parcel)
+    return outcome
 
 
 def failure(error: Exception) -> Outcome:
