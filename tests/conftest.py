@@ -18,6 +18,9 @@ from anomalib_tiled.data.synthetic import CATEGORY, make_dataset
 
 # Tests never download anything.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray started by the tests (ray.init(), ray.cluster_utils.Cluster) stays on the loopback interface: unless
+# told it is a one-machine cluster, Ray takes this machine's outward address as its nodes' address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 IMAGE_SIZE = 128
 TILE_SIZE = 64
